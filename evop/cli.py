@@ -1,0 +1,222 @@
+"""The ``evop`` command line: assets, search, prune, ppl."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from evop.config import ConfigError, EvoPConfig, load_config
+
+log = logging.getLogger("evop")
+
+EXAMPLES = """\
+examples:
+  evop assets                                   # prepare the offline demo model and text
+  evop search --config configs/demo.yaml        # CCDS + EPPS, writes result.json
+  evop search --config my.yaml search.sparsity=0.3 model.name_or_path=meta-llama/Llama-3.1-8B
+  evop prune --result runs/demo/result.json     # write the pruned checkpoint
+  evop ppl runs/demo/pruned-model --base evop-assets:smollm2 --text evop-assets:news
+"""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "sentence_transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _table(title: str, rows: list[tuple[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value if isinstance(value, str) else f"{value}")
+    Console().print(table)
+
+
+def _fmt(x: float | None) -> str:
+    return "inf" if x is None else f"{x:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from evop.assets import DEFAULT_ASSETS, prepare_assets
+
+    paths = prepare_assets(tuple(args.names or DEFAULT_ASSETS), force=args.force)
+    _table("evop assets", [(name, str(path)) for name, path in paths.items()])
+    return 0
+
+
+def _load_cfg(args: argparse.Namespace) -> EvoPConfig:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from evop.experiment import RESULT_FILE, run_search
+
+    cfg = _load_cfg(args)
+    bar = tqdm(total=cfg.search.generations + 1, desc="EPPS generations", unit="gen", disable=args.quiet)
+
+    def progress(state: Any) -> None:
+        bar.n = state.generation + 1
+        bar.set_postfix(best=f"{state.best_fitness:.4g}", evals=state.evaluations)
+        bar.refresh()
+
+    try:
+        result = run_search(cfg, on_generation=progress, resume=not args.restart)
+    finally:
+        bar.close()
+    _table(
+        "EvoP search",
+        [
+            ("model", result["base_model"]),
+            ("removed layers", f"{result['removed_layers']} ({len(result['removed_layers'])} of {result['num_layers']})"),
+            (f"dense {result['fitness_metric']}", _fmt(result["dense_fitness"])),
+            (f"pruned {result['fitness_metric']}", _fmt(result["fitness"])),
+            ("calibration", f"{result['calibration']['method']}, {result['calibration']['n_samples']} x "
+             f"{result['calibration']['block_len']} tokens"),
+            ("generations / evaluations", f"{result['generations']} / {result['evaluations']} ({result['stop_reason']})"),
+            ("wall time", f"{result['wall_time_s']:.1f} s"),
+            ("result", str(Path(cfg.output_dir) / RESULT_FILE)),
+        ],
+    )
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from evop.config import build_config
+    from evop.models import load_model
+    from evop.patterns import Pattern
+    from evop.pruning import save_pruned
+
+    result_path = Path(args.result)
+    if not result_path.is_file():
+        raise ConfigError(f"result file not found: {result_path} (run `evop search` first)")
+    result = json.loads(result_path.read_text())
+    cfg = build_config(result["config"], args.overrides)
+    pattern = Pattern.of(result["num_layers"], result["removed_layers"])
+    out = Path(args.out) if args.out else result_path.parent / "pruned-model"
+    model, tokenizer = load_model(cfg.model)
+    save_pruned(
+        model, tokenizer, pattern, out, base_model=cfg.model.name_or_path,
+        extra={"fitness_metric": result["fitness_metric"], "fitness": result["fitness"]},
+    )
+    _table("evop prune", [("pattern", str(pattern)), ("layers kept", str(len(pattern.kept))), ("saved to", str(out))])
+    return 0
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from evop.config import ModelConfig
+    from evop.evaluation import load_blocks, perplexities, text_blocks
+    from evop.models import load_model, num_layers
+
+    models = ([("dense", args.base)] if args.base else []) + [("pruned" if args.base else "model", args.model)]
+    rows: list[dict[str, Any]] = []
+    for label, ref in models:
+        model, tokenizer = load_model(ModelConfig(name_or_path=ref, device=args.device))
+        sets = {}
+        if args.calibration:
+            sets["calibration"] = load_blocks(args.calibration)
+        for text in args.text:
+            sets[f"held-out {text}"] = text_blocks(text, tokenizer, args.block_len, args.max_blocks)
+        if not sets:
+            raise ConfigError("nothing to score: give --calibration and/or --text")
+        ppl = perplexities(model, sets, args.batch_size)
+        rows.append({"model": label, "path": ref, "layers": num_layers(model), **ppl})
+        del model
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="perplexity (lower is better)")
+    for col in rows[0]:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[_fmt(v) if isinstance(v, float) else str(v) for v in row.values()])
+    Console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evop",
+        description="EvoP: remove whole decoder layers of an LLM, chosen by evolutionary search.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("assets", help="prepare the offline demo model, embedder and text")
+    p.add_argument("names", nargs="*", help="assets to prepare (default: smollm2 minilm wikipedia news)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("search", help="CCDS calibration sampling + evolutionary pattern search")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. search.sparsity=0.3")
+    p.add_argument("--restart", action="store_true", help="ignore a saved search state and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("prune", help="write the pruned checkpoint of a search result")
+    p.add_argument("--result", required=True, help="result.json written by `evop search`")
+    p.add_argument("--out", help="checkpoint directory (default: pruned-model beside result.json)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.device=cpu")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("ppl", help="perplexity of a model, or of dense vs pruned")
+    p.add_argument("model", help="model directory or hub id (the pruned one when --base is given)")
+    p.add_argument("--base", help="dense model to compare against")
+    p.add_argument("--calibration", help="calibration.safetensors written by `evop search`")
+    p.add_argument("--text", action="append", default=[], help="held-out text source (repeatable)")
+    p.add_argument("--block-len", type=int, default=256, help="tokens per held-out window")
+    p.add_argument("--max-blocks", type=int, default=16, help="held-out windows scored per source")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.set_defaults(func=cmd_ppl)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from evop.assets import AssetError
+    from evop.calibration import CalibrationDataError
+    from evop.models import ModelLoadError, UnsupportedModelError
+
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"evop: invalid configuration:\n{err}", file=sys.stderr)
+    except (AssetError, CalibrationDataError, ModelLoadError, UnsupportedModelError) as err:
+        print(f"evop: {err}", file=sys.stderr)
+    except ValueError as err:
+        print(f"evop: {err}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The one typed configuration of an EvoP run.
+
+Precedence: ``key=value`` overrides on the command line > the YAML file > the defaults here.
+The same object is the CLI's input, the pipeline's parameter and what gets logged as params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message lists one line per problem (field path: reason)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which causal language model to prune and how to load it."""
+
+    name_or_path: str = Field(
+        "evop-assets:smollm2",
+        description="Hugging Face model id, a local model directory, or 'evop-assets:smollm2' "
+        "for the offline demo model prepared by `evop assets`.",
+    )
+    gguf_file: str | None = Field(
+        None, description="GGUF file name inside name_or_path (loads and de-quantises it)."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights dtype; 'auto' is bfloat16 on CUDA and float32 on CPU."
+    )
+    device: str = Field("auto", description="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub; off unless you trust the repository."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+
+class CalibrationConfig(_Section):
+    """Where the calibration text comes from and how CCDS draws the calibration set."""
+
+    dataset: str = Field(
+        "evop-assets:wikipedia",
+        description="A `datasets` name (e.g. 'wikitext'), a local .txt/.jsonl file or directory, "
+        "or 'evop-assets:wikipedia' / 'evop-assets:news' for the offline demo text.",
+    )
+    dataset_config: str | None = Field(None, description="Dataset config name, e.g. 'wikitext-2-raw-v1'.")
+    split: str = Field("train", description="Dataset split to read.")
+    text_field: str = Field("text", description="Field holding the text (datasets and .jsonl).")
+    pool_size: int = Field(
+        512, ge=1, description="Candidate blocks cut from the text before sampling (the CCDS pool)."
+    )
+    block_len: int = Field(128, ge=8, description="Tokens per calibration block.")
+    n_samples: int = Field(8, ge=1, description="Calibration blocks drawn from the pool.")
+    method: Literal["ccds", "random"] = Field(
+        "ccds", description="'ccds' (cluster-based, diverse) or 'random' (ablation baseline)."
+    )
+    embedder: str = Field(
+        "evop-assets:minilm",
+        description="Sentence-transformers model id or path, 'evop-assets:minilm', or 'model' "
+        "(mean-pooled hidden states of the model being pruned).",
+    )
+    n_clusters: int = Field(8, ge=1, description="k-means clusters (capped by the pool size).")
+    per_cluster: Literal["proportional", "equal"] = Field(
+        "proportional", description="How many samples each cluster gets."
+    )
+    within_cluster: Literal["nearest", "random"] = Field(
+        "nearest", description="Which members of a cluster are drawn: nearest to centroid, or random."
+    )
+    seed: int = Field(0, description="Seed for pool selection, k-means and sampling.")
+
+    @model_validator(mode="after")
+    def _enough_pool(self) -> "CalibrationConfig":
+        if self.n_samples > self.pool_size:
+            raise ValueError(f"n_samples ({self.n_samples}) exceeds pool_size ({self.pool_size})")
+        return self
+
+
+class SearchConfig(_Section):
+    """EPPS: the genetic search over pruning patterns."""
+
+    sparsity: float | None = Field(
+        0.2, gt=0, lt=1, description="Fraction of decoder layers to remove (k = round(sparsity*L))."
+    )
+    num_remove: int | None = Field(None, ge=1, description="Explicit number of layers to remove.")
+    protected_layers: list[int] = Field(
+        default_factory=lambda: [0, -1],
+        description="Layers never removed; negative indices count from the end.",
+    )
+    population: int = Field(16, ge=2, description="Patterns per generation.")
+    generations: int = Field(20, ge=1, description="Maximum generations after the initial one.")
+    patience: int = Field(
+        6, ge=1, description="Stop when the best fitness has not improved for this many generations."
+    )
+    selection: Literal["tournament", "truncation"] = Field("tournament", description="Parent selection.")
+    tournament_size: int = Field(3, ge=2, description="Contestants per tournament.")
+    truncation_fraction: float = Field(
+        0.5, gt=0, le=1, description="Top fraction eligible as parents under truncation selection."
+    )
+    crossover_rate: float = Field(0.8, ge=0, le=1, description="Probability a child comes from crossover.")
+    mutation_rate: float = Field(0.9, ge=0, le=1, description="Probability a child is mutated.")
+    max_swaps: int = Field(3, ge=1, description="Most swap mutations applied to one child.")
+    elitism: int = Field(2, ge=1, description="Best patterns copied unchanged into the next generation.")
+    max_attempts: int = Field(
+        50, ge=1, description="Tries per child to produce a pattern not yet seen before giving up."
+    )
+    seed: int = Field(0, description="Seed of the search.")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "SearchConfig":
+        if self.num_remove is not None:
+            # An explicit count wins; clearing sparsity keeps the resolved config unambiguous.
+            object.__setattr__(self, "sparsity", None)
+        elif self.sparsity is None:
+            raise ValueError("set search.sparsity or search.num_remove")
+        if self.elitism >= self.population:
+            raise ValueError(f"elitism ({self.elitism}) must be below population ({self.population})")
+        return self
+
+
+class FitnessConfig(_Section):
+    """How a pattern is scored (lower is better)."""
+
+    metric: Literal["ppl", "kl"] = Field(
+        "ppl", description="'ppl': calibration perplexity; 'kl': KL divergence to the dense model."
+    )
+    batch_size: int = Field(8, ge=1, description="Calibration blocks per forward pass.")
+    token_budget: int | None = Field(
+        None, ge=1, description="Score on at most this many calibration tokens (None: all)."
+    )
+    kl_top_k: int = Field(
+        64, ge=1, description="Dense next-token probabilities kept per position for 'kl' (bounds memory)."
+    )
+
+
+class EvoPConfig(_Section):
+    """A whole EvoP run: model, calibration, search, fitness and output."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    fitness: FitnessConfig = Field(default_factory=FitnessConfig)
+    output_dir: str = Field("runs/evop", description="Where result.json and the pruned model go.")
+
+    def search_hash(self) -> str:
+        """Short hash of everything that determines the search result (not the output place)."""
+        payload = self.model_dump(mode="json", exclude={"output_dir"})
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are read as YAML (``0.3``, ``[0,-1]``, ``null``)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. search.sparsity=0.3")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: ``field.path: reason``."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(config)"
+        lines.append(f"{path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> EvoPConfig:
+    """Validate a config dict plus dotted overrides into an :class:`EvoPConfig`.
+
+    Raises:
+        ConfigError: with one ``field.path: reason`` line per problem.
+    """
+    data = json.loads(json.dumps(data or {}))  # deep copy, plain types only
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    try:
+        return EvoPConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EvoPConfig:
+    """Load a YAML config file (optional) and apply dotted ``key=value`` overrides.
+
+    Raises:
+        ConfigError: if the file is missing or not a YAML mapping, or any value is invalid.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded or {}
+    return build_config(data, overrides)

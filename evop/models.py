@@ -1,0 +1,260 @@
+"""Loading causal LMs and reaching their decoder layers, family by family.
+
+Every architecture keeps its decoder layers in one ``nn.ModuleList`` at a family-specific
+place, and counts them in a family-specific config attribute. Some also keep per-layer config
+lists (Gemma's ``layer_types``) that must follow the layers. :class:`LayerAccess` names those
+places; :func:`layers_skipped` removes layers *in place* for scoring and puts them back.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+from evop.patterns import Pattern
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from evop.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not one whose decoder layers EvoP knows how to reach."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded (unknown id, offline hub, corrupted files...)."""
+
+
+@dataclass(frozen=True)
+class LayerAccess:
+    """Where a family keeps its decoder layers.
+
+    Attributes:
+        layers_path: Dotted attribute path from the CausalLM to the decoder ``ModuleList``.
+        config_path: Dotted path from ``model.config`` to the config that counts the layers
+            ('' for the top-level config; 'text_config' for multimodal wrappers).
+    """
+
+    layers_path: str
+    config_path: str = ""
+
+    def layers(self, model: "nn.Module") -> "nn.ModuleList":
+        return _get(model, self.layers_path)
+
+    def config(self, model: "nn.Module") -> Any:
+        return _get(model.config, self.config_path) if self.config_path else model.config
+
+
+# model_type -> where its layers live. Each entry is covered by a tiny random-model test.
+FAMILIES: dict[str, LayerAccess] = {
+    "llama": LayerAccess("model.layers"),
+    "mistral": LayerAccess("model.layers"),
+    "mixtral": LayerAccess("model.layers"),
+    "qwen2": LayerAccess("model.layers"),
+    "qwen3": LayerAccess("model.layers"),
+    "gemma": LayerAccess("model.layers"),
+    "gemma2": LayerAccess("model.layers"),
+    "gemma3_text": LayerAccess("model.layers"),
+    "phi3": LayerAccess("model.layers"),
+    "phi": LayerAccess("model.layers"),
+    "opt": LayerAccess("model.decoder.layers"),
+    "gpt2": LayerAccess("transformer.h"),
+    "gpt_neox": LayerAccess("gpt_neox.layers"),
+}
+
+# Per-layer config lists that must be filtered together with the layers.
+PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _set(obj: Any, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for name in parents:
+        obj = getattr(obj, name)
+    setattr(obj, last, value)
+
+
+def layer_access(model: "nn.Module") -> LayerAccess:
+    """The :class:`LayerAccess` of ``model``'s family.
+
+    Raises:
+        UnsupportedModelError: naming the model type when EvoP does not know the family.
+    """
+    model_type = getattr(model.config, "model_type", None)
+    access = FAMILIES.get(model_type)  # type: ignore[arg-type]
+    if access is None:
+        raise UnsupportedModelError(
+            f"unsupported model type {model_type!r} ({type(model).__name__}): EvoP knows where the "
+            f"decoder layers are for {', '.join(sorted(FAMILIES))}"
+        )
+    return access
+
+
+def num_layers(model: "nn.Module") -> int:
+    """Number of decoder layers the model currently runs."""
+    return len(layer_access(model).layers(model))
+
+
+def _layer_state(cfg: Any) -> dict[str, Any]:
+    state = {"num_hidden_layers": cfg.num_hidden_layers}
+    for name in PER_LAYER_LISTS:
+        value = getattr(cfg, name, None)
+        if isinstance(value, (list, tuple)):
+            state[name] = list(value)
+    return state
+
+
+def _apply_layer_state(cfg: Any, state: dict[str, Any]) -> None:
+    for name, value in state.items():
+        setattr(cfg, name, value)
+
+
+def _kept_layer_state(cfg: Any, kept: tuple[int, ...]) -> dict[str, Any]:
+    state = _layer_state(cfg)
+    out: dict[str, Any] = {"num_hidden_layers": len(kept)}
+    for name in PER_LAYER_LISTS:
+        if name in state:
+            out[name] = [state[name][i] for i in kept]
+    return out
+
+
+def _check_pattern(model: "nn.Module", pattern: Pattern) -> None:
+    n = num_layers(model)
+    if pattern.num_layers != n:
+        raise ValueError(f"pattern {pattern} is for {pattern.num_layers} layers, the model has {n}")
+
+
+def keep_only(model: "nn.Module", pattern: Pattern) -> tuple["nn.ModuleList", dict[str, Any]]:
+    """Make ``model`` run only the pattern's kept layers; return what :func:`restore` needs.
+
+    Nothing is copied: the decoder list is swapped for a new list of the same kept module
+    objects, and the layer count and per-layer config lists are set to match.
+    """
+    from torch import nn
+
+    _check_pattern(model, pattern)
+    access = layer_access(model)
+    original = access.layers(model)
+    cfg = access.config(model)
+    saved = _layer_state(cfg)
+    _set(model, access.layers_path, nn.ModuleList([original[i] for i in pattern.kept]))
+    _apply_layer_state(cfg, _kept_layer_state(cfg, pattern.kept))
+    return original, saved
+
+
+def restore(model: "nn.Module", original: "nn.ModuleList", saved: dict[str, Any]) -> None:
+    """Undo :func:`keep_only`: put the original decoder list and config values back."""
+    access = layer_access(model)
+    _set(model, access.layers_path, original)
+    _apply_layer_state(access.config(model), saved)
+
+
+@contextmanager
+def layers_skipped(model: "nn.Module", pattern: Pattern) -> Iterator["nn.Module"]:
+    """Run ``model`` without the pattern's layers inside the block, then restore it exactly.
+
+    The KV-cache ``layer_idx`` bookkeeping is left alone, so run the model with
+    ``use_cache=False`` inside.
+    """
+    original, saved = keep_only(model, pattern)
+    try:
+        yield model
+    finally:
+        restore(model, original, saved)
+
+
+def resolve_device(device: str) -> "torch.device":
+    """'auto' -> CUDA if available, else CPU; anything else as given."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
+    """'auto' -> bfloat16 on CUDA, float32 elsewhere (CPU half precision is slow and lossy)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(cfg: "ModelConfig") -> tuple["nn.Module", Any]:
+    """Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode on the resolved device and dtype, the
+        tokenizer with a pad token.
+
+    Raises:
+        ModelLoadError: naming the model when it cannot be found or read.
+        UnsupportedModelError: when its decoder layers cannot be reached.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evop.assets import resolve_reference
+
+    source = resolve_reference(cfg.name_or_path)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"cannot load model {cfg.name_or_path!r}: {first} "
+            "(a hub id needs network access to the Hugging Face Hub; a local path must be a "
+            "model directory with config.json and weights)"
+        ) from err
+    if cfg.gguf_file:
+        forget_quantization(model)
+    model.to(device)
+    model.eval()
+    layer_access(model)  # fail early, before any heavy work, on an unknown family
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log.info(
+        "loaded %s (%s, %d layers, %.1fM params) on %s as %s",
+        cfg.name_or_path,
+        model.config.model_type,
+        num_layers(model),
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        device,
+        dtype,
+    )
+    return model, tokenizer
+
+
+def forget_quantization(model: "nn.Module") -> None:
+    """Mark a GGUF-loaded model as a plain float model so ``save_pretrained`` accepts it.
+
+    Transformers de-quantises GGUF weights into ordinary float ``Linear`` layers but keeps the
+    quantizer attached, which makes ``save_pretrained`` refuse the model.
+    """
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

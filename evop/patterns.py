@@ -1,0 +1,84 @@
+"""Pruning patterns: which decoder layers a pruned model drops.
+
+A *pattern* is the sorted set of removed layer indices of a model with ``num_layers``
+decoder layers. It is frozen and hashable so it can key the fitness memo, be logged as one
+line (``"1,5,7/30"``) and be read back from that line or from JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True, order=True)
+class Pattern:
+    """A set of removed decoder layers of a model with ``num_layers`` layers.
+
+    Attributes:
+        num_layers: Decoder layers of the dense model (L).
+        removed: Sorted, distinct indices in ``[0, L)`` of the layers to remove.
+    """
+
+    num_layers: int
+    removed: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        removed = tuple(sorted(set(int(i) for i in self.removed)))
+        if len(removed) != len(self.removed):
+            raise ValueError(f"pattern has repeated layers: {list(self.removed)}")
+        if removed and (removed[0] < 0 or removed[-1] >= self.num_layers):
+            raise ValueError(f"layer index out of range [0, {self.num_layers}): {list(removed)}")
+        if len(removed) >= self.num_layers:
+            raise ValueError("a pattern must keep at least one layer")
+        object.__setattr__(self, "removed", removed)
+
+    @classmethod
+    def of(cls, num_layers: int, removed: Iterable[int]) -> "Pattern":
+        """Build a pattern from any iterable of removed indices (sorted for you)."""
+        return cls(num_layers, tuple(sorted(int(i) for i in removed)))
+
+    @classmethod
+    def parse(cls, text: str) -> "Pattern":
+        """Read the one-line form produced by ``str(pattern)``: ``"1,5,7/30"``."""
+        try:
+            body, total = text.strip().split("/")
+            removed = [int(x) for x in body.split(",") if x.strip()]
+            return cls.of(int(total), removed)
+        except ValueError as err:
+            raise ValueError(f"not a pattern {text!r} (expected e.g. '1,5,7/30'): {err}") from None
+
+    @property
+    def k(self) -> int:
+        """Number of removed layers."""
+        return len(self.removed)
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        """Original indices of the layers that stay, in order."""
+        gone = set(self.removed)
+        return tuple(i for i in range(self.num_layers) if i not in gone)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of decoder layers removed."""
+        return self.k / self.num_layers
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.removed)) + f"/{self.num_layers}"
+
+
+def layers_to_remove(num_layers: int, sparsity: float | None = None, count: int | None = None) -> int:
+    """Number of layers k to remove: ``count`` if given, else ``round(sparsity * num_layers)``.
+
+    Raises:
+        ValueError: if neither or both are given, or k is not in ``[1, num_layers - 1]``.
+    """
+    if (sparsity is None) == (count is None):
+        raise ValueError("give exactly one of sparsity or count")
+    k = count if count is not None else int(round(sparsity * num_layers))  # type: ignore[operator]
+    if not 1 <= k <= num_layers - 1:
+        raise ValueError(
+            f"removing {k} of {num_layers} layers is not a pruning (need 1 <= k <= {num_layers - 1})"
+        )
+    return k

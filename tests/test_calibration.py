@@ -1,0 +1,123 @@
+"""Calibration text reading, block pools and CCDS sampling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+
+from evop.calibration import (
+    CalibrationDataError,
+    _allocate,
+    block_pool,
+    build_calibration_set,
+    kmeans_sample,
+    load_texts,
+    random_sample,
+    token_blocks,
+)
+from evop.config import CalibrationConfig
+from tests.tiny_models import CharTokenizer, tiny_model
+
+
+@pytest.fixture
+def blobs():
+    # Five clusters of very different sizes: random sampling would miss the small ones.
+    x, y = make_blobs(
+        n_samples=[120, 40, 12, 5, 3], centers=None, n_features=8, cluster_std=0.3, random_state=0
+    )
+    return x, y
+
+
+def test_ccds_covers_every_cluster_and_is_deterministic(blobs):
+    x, truth = blobs
+    idx, labels = kmeans_sample(x, n_samples=10, n_clusters=5, seed=0)
+    assert len(idx) == len(set(idx)) == 10
+    assert set(truth[idx]) == set(range(5))  # every true cluster represented
+    assert (idx, labels.tolist()) == (lambda r: (r[0], r[1].tolist()))(kmeans_sample(x, 10, 5, seed=0))
+
+
+def test_ccds_rules(blobs):
+    x, _ = blobs
+    _, labels = kmeans_sample(x, 10, 5, seed=0)
+    sizes = np.bincount(labels)
+    prop = _allocate(sizes, 10, "proportional")
+    equal = _allocate(sizes, 10, "equal")
+    assert prop.sum() == equal.sum() == 10
+    assert (prop >= 1).all() and (equal >= 1).all()
+    assert prop[np.argmax(sizes)] == prop.max()  # the big cluster gets most under proportional
+    assert (equal <= sizes).all()
+    assert equal.tolist() == [2] * 5  # every cluster has >= 3 members, so 10 split evenly
+    assert _allocate(np.array([1, 1, 20]), 9, "equal").tolist() == [1, 1, 7]  # capped, rest moves
+
+
+def test_nearest_takes_the_points_closest_to_the_centroid():
+    x = np.array([[0.0], [0.1], [5.0], [-0.1], [0.05], [2.0]])
+    idx, _ = kmeans_sample(x, n_samples=2, n_clusters=1, within_cluster="nearest", seed=0)
+    centroid = x.mean()
+    dist = np.abs(x[:, 0] - centroid)
+    assert sorted(idx) == sorted(np.argsort(dist)[:2].tolist())
+
+
+def test_fewer_samples_than_clusters_and_errors(blobs):
+    x, _ = blobs
+    idx, _ = kmeans_sample(x, n_samples=3, n_clusters=5, seed=1)
+    assert len(set(idx)) == 3
+    with pytest.raises(CalibrationDataError, match="pool of"):
+        kmeans_sample(x, n_samples=len(x) + 1, n_clusters=5)
+
+
+def test_random_sample_is_seeded():
+    assert random_sample(100, 8, seed=3) == random_sample(100, 8, seed=3)
+    assert random_sample(100, 8, seed=3) != random_sample(100, 8, seed=4)
+
+
+def test_load_texts_local_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "one"}) + "\n\n" + json.dumps({"body": "two"}) + "\n")
+    assert load_texts(str(tmp_path / "a.txt")) == ["hello world"]
+    assert load_texts(str(tmp_path / "b.jsonl"), text_field="body") == ["one", "two"]
+    with pytest.raises(CalibrationDataError, match="no field 'text'"):
+        load_texts(str(tmp_path / "b.jsonl"))
+    (tmp_path / "b.jsonl").unlink()
+    assert load_texts(str(tmp_path)) == ["hello world"]
+
+
+def test_load_texts_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
+    with pytest.raises(CalibrationDataError, match="holds no text"):
+        load_texts(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(CalibrationDataError, match="not found"):
+        load_texts(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(CalibrationDataError, match="bad.jsonl:1"):
+        load_texts(str(tmp_path / "bad.jsonl"))
+
+
+def test_block_pool_sizes_and_too_small_text():
+    tok = CharTokenizer()
+    texts = ["abcdefghij" * 20, "klmnopqrst" * 20]
+    blocks = token_blocks(texts, tok, 16)
+    assert blocks.shape == (402 // 16, 16)
+    pool = block_pool(texts, tok, 16, pool_size=10, seed=0)
+    assert pool.shape == (10, 16)
+    assert pool.tolist() == block_pool(texts, tok, 16, pool_size=10, seed=0).tolist()
+    with pytest.raises(CalibrationDataError, match="too small"):
+        block_pool(["short"], tok, 16, pool_size=10, seed=0, min_blocks=1)
+
+
+def test_build_calibration_set_with_model_embeddings():
+    model = tiny_model("llama")
+    texts = [("abc" * 40), ("xyz " * 30), ("0123456789" * 12)] * 4
+    cfg = CalibrationConfig(
+        dataset="unused", pool_size=40, block_len=16, n_samples=6, embedder="model", n_clusters=3, seed=0
+    )
+    calib = build_calibration_set(cfg, CharTokenizer(), model, texts=texts)
+    assert calib.blocks.shape == (6, 16)
+    assert calib.summary()["clusters_covered"] == 3
+    again = build_calibration_set(cfg, CharTokenizer(), model, texts=texts)
+    assert again.pool_indices == calib.pool_indices
+    rnd = build_calibration_set(cfg.model_copy(update={"method": "random"}), CharTokenizer(), model, texts=texts)
+    assert rnd.method == "random" and rnd.blocks.shape == (6, 16)

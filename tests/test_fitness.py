@@ -1,0 +1,62 @@
+"""Pattern fitness: in-place scoring, exact restore, diverged models, KL with bounded memory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evop.fitness import PatternScorer, nll_to_ppl, perplexity
+from evop.models import layer_access
+from evop.patterns import Pattern
+from tests.tiny_models import random_blocks, tiny_model
+
+
+def test_scorer_scores_in_place_without_copying():
+    model = tiny_model("llama")
+    blocks = random_blocks(6, 16)
+    params_before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    scorer = PatternScorer(model, blocks, batch_size=4)
+    dense = scorer.dense()
+    scores = [scorer(Pattern.of(6, r)) for r in ([1], [2, 3], [1], [4, 5])]
+    assert scores[0] == scores[2]  # deterministic
+    assert scorer.calls == 4
+    assert scorer.dense() == dense  # exact restore after many evaluations
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == params_before  # no copy
+
+
+def test_diverged_candidate_ranks_last_without_crashing():
+    model = tiny_model("llama")
+    blocks = random_blocks()
+    with torch.no_grad():
+        layer_access(model).layers(model)[3].mlp.down_proj.weight.fill_(float("nan"))
+    scorer = PatternScorer(model, blocks)
+    assert scorer(Pattern.of(6, [1])) == math.inf  # layer 3 still in: nan -> inf
+    assert math.isfinite(scorer(Pattern.of(6, [3])))  # the broken layer removed: finite
+    assert nll_to_ppl(float("nan")) == math.inf
+    assert nll_to_ppl(1e6) == math.inf
+
+
+def test_token_budget_limits_blocks():
+    model = tiny_model("llama")
+    scorer = PatternScorer(model, random_blocks(8, 16), token_budget=40)
+    assert scorer.blocks.shape == (2, 16)
+    assert scorer.dense() == perplexity(model, random_blocks(8, 16)[:2])
+
+
+def test_kl_is_zero_for_dense_and_positive_when_pruned_with_bounded_memory():
+    model = tiny_model("qwen2")
+    blocks = random_blocks(4, 16)
+    scorer = PatternScorer(model, blocks, metric="kl", kl_top_k=8, batch_size=3)
+    assert scorer._dense.logp.shape == (4, 16, 8)  # top-k only, never the full vocabulary
+    assert scorer.dense() == pytest.approx(0.0, abs=1e-7)
+    assert scorer(Pattern.of(6, [2])) > 1e-6  # random tiny models are near-uniform: small but > 0
+
+
+def test_bad_inputs():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="non-empty"):
+        PatternScorer(model, torch.zeros(0, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown fitness metric"):
+        PatternScorer(model, random_blocks(), metric="bleu")

@@ -1,0 +1,386 @@
+"""Tests of EPPS (evop.search) on synthetic objectives with known optima; no torch needed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evop.config import SearchConfig
+from evop.patterns import Pattern
+from evop.search import (
+    GeneticSearch,
+    SearchState,
+    crossover,
+    random_pattern,
+    swap_count,
+    swap_mutation,
+)
+
+
+def search_config(**overrides) -> SearchConfig:
+    """Small, fast settings; ``num_remove`` only satisfies the config (GeneticSearch takes k)."""
+    values = dict(num_remove=1, population=8, generations=6, patience=6, seed=0)
+    values.update(overrides)
+    return SearchConfig(**values)
+
+
+def hashed_fitness(pattern: Pattern) -> float:
+    """A deterministic, rugged objective of any pattern."""
+    return sum(((i * 7919 + 13) % 101) / 101 for i in pattern.removed) + 0.01 * pattern.removed[0]
+
+
+def interaction_objective(num_layers: int, seed: int):
+    """Per-layer costs plus a pairwise term (adjacent removals hurt), so it is not separable."""
+    rng = random.Random(seed)
+    cost = [rng.uniform(0, 1) for _ in range(num_layers)]
+    pair = {
+        (i, j): rng.uniform(-0.3, 0.3) + (0.4 if j == i + 1 else 0.0)
+        for i in range(num_layers)
+        for j in range(i + 1, num_layers)
+    }
+
+    def fitness(pattern: Pattern) -> float:
+        removed = pattern.removed
+        return sum(cost[i] for i in removed) + sum(pair[ab] for ab in itertools.combinations(removed, 2))
+
+    return fitness
+
+
+def brute_force_optimum(num_layers: int, k: int, candidates: list[int], fitness) -> str:
+    patterns = (Pattern.of(num_layers, c) for c in itertools.combinations(candidates, k))
+    return str(min(patterns, key=lambda p: (fitness(p), str(p))))
+
+
+class CountingFitness:
+    """Wraps a fitness function and counts calls per pattern."""
+
+    def __init__(self, fitness):
+        self.fitness = fitness
+        self.calls: Counter[str] = Counter()
+
+    def __call__(self, pattern: Pattern) -> float:
+        self.calls[str(pattern)] += 1
+        return self.fitness(pattern)
+
+
+def without_seconds(state: SearchState) -> dict:
+    """The state as plain JSON data minus the only nondeterministic field (wall time)."""
+    data = json.loads(state.to_json())
+    for entry in data["history"]:
+        del entry["seconds"]
+    return data
+
+
+def all_patterns(state: SearchState) -> list[Pattern]:
+    return [Pattern.parse(s) for s in [*state.population, *state.memo, *([state.best] if state.best else [])]]
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def test_crossover_keeps_intersection_and_k():
+    rng = random.Random(1)
+    a, b = Pattern.of(12, [1, 2, 3, 7]), Pattern.of(12, [2, 3, 9, 10])
+    for _ in range(200):
+        child = crossover(rng, a, b)
+        assert child.k == 4
+        assert {2, 3} <= set(child.removed) <= {1, 2, 3, 7, 9, 10}
+
+
+def test_swap_mutation_keeps_k_and_candidates():
+    rng = random.Random(2)
+    candidates = list(range(1, 11))
+    pattern = Pattern.of(12, [1, 4, 5])
+    for _ in range(200):
+        child = swap_mutation(rng, pattern, candidates, max_swaps=3)
+        assert child.k == 3 and set(child.removed) <= set(candidates)
+    # Nothing to swap with: the pattern comes back unchanged.
+    assert swap_mutation(rng, Pattern.of(5, [1, 2]), [1, 2], 3) == Pattern.of(5, [1, 2])
+
+
+def test_swap_count_prefers_few_swaps():
+    rng = random.Random(3)
+    counts = Counter(swap_count(rng, 3) for _ in range(6000))
+    assert set(counts) == {1, 2, 3}
+    assert counts[1] > counts[2] > counts[3]
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_exact_sparsity_property(data):
+    num_layers = data.draw(st.integers(4, 40), label="num_layers")
+    protected = data.draw(
+        st.lists(st.integers(-num_layers, num_layers - 1), max_size=3, unique=True), label="protected"
+    )
+    removable = num_layers - len({p % num_layers for p in protected})
+    k = data.draw(st.integers(1, min(removable, num_layers - 1)), label="k")
+    population = data.draw(st.integers(2, 8), label="population")
+    config = search_config(
+        protected_layers=protected,
+        population=population,
+        elitism=data.draw(st.integers(1, population - 1), label="elitism"),
+        generations=data.draw(st.integers(1, 4), label="generations"),
+        selection=data.draw(st.sampled_from(["tournament", "truncation"]), label="selection"),
+        seed=data.draw(st.integers(0, 2**32 - 1), label="seed"),
+    )
+    state = GeneticSearch(num_layers, k, config, hashed_fitness).run()
+
+    banned = {p % num_layers for p in protected}
+    assert state.done
+    assert 1 <= len(state.population) <= population
+    for pattern in all_patterns(state):
+        assert pattern.num_layers == num_layers
+        assert pattern.k == k
+        assert not banned & set(pattern.removed)
+        assert all(0 <= i < num_layers for i in pattern.removed)
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+
+def test_same_seed_same_search_and_different_seeds_differ():
+    fitness = interaction_objective(20, seed=5)
+    runs = [GeneticSearch(20, 5, search_config(seed=s, generations=8), fitness).run() for s in (7, 7, 8)]
+    assert without_seconds(runs[0]) == without_seconds(runs[1])
+    assert runs[0].history[0]["best_fitness"] != runs[2].history[0]["best_fitness"]
+    assert runs[0].population != runs[2].population
+
+
+@pytest.mark.parametrize("selection", ["tournament", "truncation"])
+def test_resume_from_json_equals_uninterrupted(selection):
+    config = search_config(seed=11, population=10, generations=10, patience=10, selection=selection)
+    fitness = interaction_objective(24, seed=3)
+    checkpoints: list[str] = []
+    full = GeneticSearch(24, 6, config, fitness).run(on_generation=lambda s: checkpoints.append(s.to_json()))
+    assert [json.loads(c)["generation"] for c in checkpoints] == list(range(len(checkpoints)))
+    assert full.stop_reason == "generations"
+
+    for g in (0, 1, 4, len(checkpoints) - 2):
+        counting = CountingFitness(fitness)
+        state = SearchState.from_json(checkpoints[g])
+        resumed = GeneticSearch(24, 6, config, counting).run(state)
+        assert without_seconds(resumed) == without_seconds(full)
+        # The memo travels with the checkpoint: nothing scored before g is scored again.
+        assert not set(counting.calls) & set(state.memo)
+
+    # From before generation 0 as well.
+    initial = GeneticSearch(24, 6, config, fitness).initial_state()
+    resumed = GeneticSearch(24, 6, config, fitness).run(SearchState.from_json(initial.to_json()))
+    assert without_seconds(resumed) == without_seconds(full)
+
+
+def test_step_does_not_change_its_input():
+    search = GeneticSearch(16, 4, search_config(), hashed_fitness)
+    state = search.step(search.initial_state())
+    before = state.to_json()
+    search.step(state)
+    assert state.to_json() == before
+
+
+def test_batch_fitness_gives_the_same_search():
+    fitness = interaction_objective(18, seed=2)
+    batches: list[int] = []
+
+    def batch(patterns):
+        batches.append(len(patterns))
+        return [fitness(p) for p in patterns]
+
+    config = search_config(seed=4, generations=5)
+    single = GeneticSearch(18, 5, config, fitness=fitness).run()
+    batched = GeneticSearch(18, 5, config, batch_fitness=batch).run()
+    assert without_seconds(single) == without_seconds(batched)
+    assert sum(batches) == batched.evaluations and len(batches) == len(batched.history)
+
+
+def test_fitness_is_never_called_twice_for_a_pattern():
+    counting = CountingFitness(interaction_objective(10, seed=1))
+    config = search_config(protected_layers=[], population=12, generations=40, patience=40, seed=3)
+    state = GeneticSearch(10, 3, config, counting).run()
+    assert max(counting.calls.values()) == 1
+    assert sum(counting.calls.values()) == state.evaluations == len(state.memo)
+    assert state.history[-1]["evaluations"] == state.evaluations
+    assert sum(h["new_evaluations"] for h in state.history) == state.evaluations
+
+
+# --------------------------------------------------------------------------- quality
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_finds_known_optimum_with_a_third_of_the_evaluations(seed):
+    num_layers, k = 16, 4
+    fitness = interaction_objective(num_layers, seed=0)
+    optimum = brute_force_optimum(num_layers, k, list(range(num_layers)), fitness)
+    budget = 0.35 * math.comb(num_layers, k)  # 637 of 1820 patterns
+    # 16 initial + 44 generations x 14 children = 632 evaluations at most.
+    config = search_config(protected_layers=[], population=16, generations=44, patience=44, seed=seed)
+    state = GeneticSearch(num_layers, k, config, CountingFitness(fitness)).run()
+    assert state.best == optimum
+    assert state.best_fitness == fitness(Pattern.parse(optimum))
+    assert state.evaluations <= budget
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_finds_known_optimum_with_protected_layers(seed):
+    num_layers, k = 16, 4
+    fitness = interaction_objective(num_layers, seed=1)
+    candidates = list(range(1, num_layers - 1))
+    optimum = brute_force_optimum(num_layers, k, candidates, fitness)
+    budget = 0.35 * math.comb(len(candidates), k)  # 350 of 1001 patterns
+    # 16 initial + 23 generations x 14 children = 338 evaluations at most.
+    config = search_config(protected_layers=[0, -1], population=16, generations=23, patience=23, seed=seed)
+    state = GeneticSearch(num_layers, k, config, fitness).run()
+    assert state.best == optimum
+    assert state.evaluations <= budget
+    assert all({0, num_layers - 1}.isdisjoint(Pattern.parse(p).removed) for p in state.memo)
+
+
+def test_exhausted_small_space_finds_argmin():
+    fitness = interaction_objective(6, seed=9)
+    counting = CountingFitness(fitness)
+    config = search_config(protected_layers=[], population=4, elitism=1, generations=50, patience=50)
+    state = GeneticSearch(6, 2, config, counting).run()
+    assert state.stop_reason == "exhausted" and state.done
+    assert state.evaluations == math.comb(6, 2) == len(counting.calls)
+    assert state.best == brute_force_optimum(6, 2, list(range(6)), fitness)
+
+
+def test_population_larger_than_space_is_exhausted_at_once():
+    state = GeneticSearch(6, 2, search_config(protected_layers=[], population=20), hashed_fitness).run()
+    assert state.generation == 0 and state.stop_reason == "exhausted"
+    assert len(state.population) == 15
+
+
+def test_stops_on_patience():
+    config = search_config(protected_layers=[], population=4, generations=100, patience=3)
+    state = GeneticSearch(30, 3, config, lambda p: 1.0).run()  # a flat objective never improves
+    assert state.stop_reason == "patience" and state.stall == 3 and state.generation == 3
+
+
+def test_seed_patterns_come_first():
+    seed = Pattern.of(16, [3, 4, 5, 6])
+    search = GeneticSearch(16, 4, search_config(), hashed_fitness, seed_patterns=[seed, seed])
+    state = search.step(search.initial_state())
+    assert next(iter(state.memo)) == str(seed)
+    assert len(state.memo) == 8
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def diverging(pattern: Pattern) -> float:
+    removed = set(pattern.removed)
+    if 3 in removed:
+        return math.nan
+    if 5 in removed:
+        return math.inf
+    if 7 in removed:
+        raise OverflowError("activations overflowed")
+    if 9 in removed:
+        raise FloatingPointError("nan in logits")
+    if 11 in removed:
+        return 10**400  # an int too large for a float
+    return hashed_fitness(pattern)
+
+
+def check_diverged_rank_last(state: SearchState) -> None:
+    values = [state.memo[p] for p in state.population]
+    assert values == sorted(values)
+    assert math.isfinite(state.best_fitness)
+    assert not {3, 5, 7, 9, 11} & set(Pattern.parse(state.best).removed)
+    diverged = [p for p, v in state.memo.items() if not math.isfinite(v)]
+    assert diverged and all(state.memo[p] == math.inf for p in diverged)
+    json.loads(state.to_json(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+
+
+def test_diverged_candidates_rank_last_and_do_not_crash():
+    config = search_config(protected_layers=[], population=12, generations=5)
+    state = GeneticSearch(14, 4, config, diverging).run()
+    check_diverged_rank_last(state)
+
+
+def test_diverged_candidates_with_batch_fitness():
+    def batch(patterns):
+        return [diverging(p) for p in patterns]  # one OverflowError fails the whole batch
+
+    config = search_config(protected_layers=[], population=12, generations=5)
+    batched = GeneticSearch(14, 4, config, batch_fitness=batch).run()
+    single = GeneticSearch(14, 4, config, fitness=diverging).run()
+    check_diverged_rank_last(batched)
+    assert without_seconds(batched) == without_seconds(single)
+
+
+def test_all_diverged_generation_zero():
+    config = search_config(population=4, generations=2)
+    state = GeneticSearch(10, 2, config, lambda p: math.nan).run()
+    assert state.best_fitness == math.inf and state.best is not None
+    assert state.history[0]["mean_fitness"] == math.inf
+    assert SearchState.from_json(state.to_json()) == state
+
+
+def test_strict_json_round_trip_with_inf():
+    config = search_config(protected_layers=[], population=12, generations=3)
+    state = GeneticSearch(14, 4, config, diverging).run()
+    assert math.inf in state.memo.values()
+    text = state.to_json()
+    json.dumps(json.loads(text), allow_nan=False)  # strict JSON both ways
+    assert "Infinity" not in text and "NaN" not in text
+    restored = SearchState.from_json(text)
+    assert restored == state
+    assert restored.evaluations == state.evaluations
+
+
+def test_from_json_rejects_other_documents():
+    with pytest.raises(ValueError):
+        SearchState.from_json('{"generation": 3}')
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_k_larger_than_removable_layers_is_a_clear_error():
+    with pytest.raises(ValueError, match="removable"):
+        GeneticSearch(6, 5, search_config(protected_layers=[0, -1]), hashed_fitness)
+    with pytest.raises(ValueError, match="removable"):
+        GeneticSearch(6, 6, search_config(protected_layers=[]), hashed_fitness)
+
+
+def test_invalid_arguments():
+    config = search_config()
+    with pytest.raises(ValueError, match="exactly one"):
+        GeneticSearch(10, 2, config)
+    with pytest.raises(ValueError, match="exactly one"):
+        GeneticSearch(10, 2, config, hashed_fitness, batch_fitness=lambda ps: [0.0] * len(ps))
+    with pytest.raises(ValueError, match="out of range"):
+        GeneticSearch(10, 2, search_config(protected_layers=[10]), hashed_fitness)
+    with pytest.raises(ValueError, match="protected"):
+        GeneticSearch(10, 2, config, hashed_fitness, seed_patterns=[Pattern.of(10, [0, 4])])
+    with pytest.raises(ValueError, match="k=2"):
+        GeneticSearch(10, 2, config, hashed_fitness, seed_patterns=[Pattern.of(10, [3, 4, 5])])
+    other = GeneticSearch(12, 2, config, hashed_fitness).initial_state()
+    with pytest.raises(ValueError, match="different search"):
+        GeneticSearch(10, 2, config, hashed_fitness).step(other)
+
+
+def test_step_after_done_is_an_error():
+    search = GeneticSearch(6, 2, search_config(protected_layers=[], population=20), hashed_fitness)
+    state = search.run()
+    with pytest.raises(ValueError, match="done"):
+        search.step(state)
+    assert search.run(state) is state
+
+
+def test_random_pattern_is_within_candidates():
+    rng = random.Random(0)
+    for _ in range(100):
+        pattern = random_pattern(rng, 10, [2, 3, 5, 7], 3)
+        assert pattern.k == 3 and set(pattern.removed) <= {2, 3, 5, 7}
