@@ -43,7 +43,7 @@ demo: assets
 	$(BIN)/evop prune --result $(DEMO_OUT)/result.json
 	$(BIN)/evop ppl $(DEMO_OUT)/pruned-model --base evop-assets:smollm2 \
 		--calibration $(DEMO_OUT)/calibration.safetensors \
-		--text evop-assets:wikipedia --text evop-assets:news --json $(DEMO_OUT)/perplexity.json
+		--text evop-assets:news --json $(DEMO_OUT)/perplexity.json
 	@echo "result: $(DEMO_OUT)/result.json   pruned model: $(DEMO_OUT)/pruned-model"
 
 lint: install

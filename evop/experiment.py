@@ -10,8 +10,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from evop.config import EvoPConfig
 from evop.patterns import Pattern, layers_to_remove
@@ -118,14 +119,18 @@ def run_search(
     calib = build_calibration_set(cfg.calibration, tokenizer, model)
     save_blocks(calib.blocks, out / CALIBRATION_FILE)
     f = cfg.fitness
-    scorer = PatternScorer(model, calib.blocks, f.metric, f.batch_size, f.token_budget, f.kl_top_k)
+    scorer = PatternScorer(
+        model, calib.blocks, f.metric, f.batch_size, f.token_budget, f.kl_top_k, f.prefix_cache_mb
+    )
     dense = scorer.dense()
     log.info("dense %s on %d calibration blocks: %.4f", f.metric, calib.blocks.shape[0], dense)
 
     search = GeneticSearch(n_layers, k, cfg.search, fitness=scorer)
     state = _load_saved_state(out / STATE_FILE, config_hash) if resume else None
     if state is not None:
-        log.info("resuming the search after generation %d (%d evaluations)", state.generation, state.evaluations)
+        log.info(
+            "resuming the search after generation %d (%d evaluations)", state.generation, state.evaluations
+        )
 
     def checkpoint(s: SearchState) -> None:
         write_json_atomic(out / STATE_FILE, {"config_hash": config_hash, "state": json.loads(s.to_json())})

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
-from evop.models import layers_skipped, num_layers
+from evop.models import check_pattern, layer_access, layers_kept, num_layers
 from evop.patterns import Pattern
 
 if TYPE_CHECKING:
@@ -39,7 +41,6 @@ def mean_nll(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) ->
         batch_size: Blocks per forward pass.
     """
     import torch
-    import torch.nn.functional as F
 
     device = _device_of(model)
     total, count = 0.0, 0
@@ -47,11 +48,7 @@ def mean_nll(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) ->
         for batch in _batches(blocks, batch_size):
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
-            # Predict token t+1 from position t; float32 so bf16 models sum stably.
-            nll = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-            )
-            total += nll.item()
+            total += _batch_nll(logits, batch).item()
             count += batch[:, 1:].numel()
     return total / count
 
@@ -71,51 +68,122 @@ def nll_to_ppl(nll: float) -> float:
         return math.inf
 
 
+def _batch_nll(logits: "torch.Tensor", batch: "torch.Tensor") -> "torch.Tensor":
+    """Summed next-token NLL of one batch; float32 so bf16 models sum stably."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+
+
 class DenseTopK:
-    """The dense model's top-k next-token probabilities on the calibration blocks.
+    """The dense model's top-k next-token log-probabilities on each calibration batch.
 
     Keeping only the top k probabilities (plus the remaining mass) bounds memory at
     ``N * T * k`` entries instead of ``N * T * vocab``: 128 x 2048 blocks with k=64 take 134 MB
     where full float16 logits of a 32k vocabulary would take 17 GB.
     """
 
-    def __init__(self, model: "nn.Module", blocks: "torch.Tensor", top_k: int, batch_size: int):
+    def __init__(self, model: "nn.Module", batches: list["torch.Tensor"], top_k: int):
         import torch
 
         device = _device_of(model)
-        logp_parts, idx_parts = [], []
+        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (B, T, k) logp, idx
         with torch.inference_mode():
-            for batch in _batches(blocks, batch_size):
+            for batch in batches:
                 logits = model(input_ids=batch.to(device), use_cache=False).logits.float()
-                logp, idx = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)  # (B, T, k)
-                logp_parts.append(logp.cpu())
-                idx_parts.append(idx.cpu())
-        self.logp = torch.cat(logp_parts)  # (N, T, k)
-        self.idx = torch.cat(idx_parts)  # (N, T, k)
+                logp, idx = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
+                self.parts.append((logp, idx))
 
-    def kl(self, model: "nn.Module", blocks: "torch.Tensor", batch_size: int) -> float:
-        """Mean KL(dense || model) per position over the top-k tokens plus one 'rest' bucket.
+    def batch_kl(self, logits: "torch.Tensor", batch_index: int) -> "torch.Tensor":
+        """Summed KL(dense || model) over one batch's positions, top-k tokens + one 'rest' bucket.
 
         Merging the tail into one bucket can only lower the KL (data-processing inequality), so
         this is a tight lower bound of the full KL when the top k hold most of the mass.
         """
         import torch
 
+        logp, idx = self.parts[batch_index]
+        logq = torch.log_softmax(logits.float(), -1).gather(-1, idx)  # (B, T, k)
+        p = logp.exp()
+        p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
+        q_rest = (1 - logq.exp().sum(-1)).clamp_min(1e-12)
+        return ((p * (logp - logq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())).sum()
+
+
+class DensePrefix:
+    """Dense hidden states entering layers ``1..depth`` for each calibration batch.
+
+    A pattern whose first removed layer is ``f`` runs layers ``0..f-1`` exactly as the dense model
+    does, so its forward can start at layer ``f`` from the cached state: the prefix is computed
+    once instead of once per candidate. ``depth`` is capped by a memory budget.
+    """
+
+    def __init__(self, model: "nn.Module", batches: list["torch.Tensor"], budget_mb: float):
+        import torch
+
+        self.layers = layer_access(model).layers(model)
+        hidden = model.config.get_text_config().hidden_size
+        itemsize = next(model.parameters()).element_size()
+        per_layer = sum(b.numel() for b in batches) * hidden * itemsize
+        self.depth = min(len(self.layers) - 1, int(budget_mb * 2**20 // max(per_layer, 1)))
+        self.states: list[dict[int, torch.Tensor]] = [{} for _ in batches]
+        if self.depth < 1:
+            return
         device = _device_of(model)
-        total, count = 0.0, 0
-        with torch.inference_mode():
-            for start in range(0, blocks.shape[0], batch_size):
-                batch = blocks[start : start + batch_size].to(device)
-                logq_all = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
-                logp = self.logp[start : start + batch_size].to(device)
-                logq = logq_all.gather(-1, self.idx[start : start + batch_size].to(device))
-                p = logp.exp()
-                p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
-                q_rest = (1 - logq.exp().sum(-1)).clamp_min(1e-12)
-                kl = (p * (logp - logq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())  # (B, T)
-                total += kl.sum().item()
-                count += kl.numel()
-        return total / count
+        current: dict[int, torch.Tensor] = {}
+
+        def capture(j: int):
+            def hook(module, args, kwargs):
+                current[j] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+            return hook
+
+        handles = [
+            self.layers[j].register_forward_pre_hook(capture(j), with_kwargs=True)
+            for j in range(1, self.depth + 1)
+        ]
+        try:
+            with torch.inference_mode(), layers_kept(model, range(self.depth + 1)):
+                # Only layers 0..depth are needed to see the inputs of layers 1..depth.
+                for i, batch in enumerate(batches):
+                    model(input_ids=batch.to(device), use_cache=False)
+                    self.states[i] = dict(current)
+        finally:
+            for handle in handles:
+                handle.remove()
+        log.debug(
+            "cached dense hidden states entering layers 1..%d (%.1f MB)",
+            self.depth,
+            per_layer * self.depth / 2**20,
+        )
+
+    @contextmanager
+    def start_at(self, model: "nn.Module", pattern: Pattern, batch_index: list[int]) -> Iterator[None]:
+        """Run only the pattern's kept layers from its first removed layer on, fed from the cache.
+
+        ``batch_index[0]`` names the batch whose cached state is injected on the next forward.
+        """
+        first = pattern.removed[0]
+        tail = [i for i in pattern.kept if i >= first]
+
+        def inject(module, args, kwargs):
+            state = self.states[batch_index[0]][first]
+            if args:
+                return (state, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": state}
+
+        handle = self.layers[tail[0]].register_forward_pre_hook(inject, with_kwargs=True)
+        try:
+            with layers_kept(model, tail):
+                yield
+        finally:
+            handle.remove()
+
+    def covers(self, pattern: Pattern) -> bool:
+        """Whether the cache can start ``pattern``'s forward (its first removed layer is cached)."""
+        if not pattern.removed or not 1 <= pattern.removed[0] <= self.depth:
+            return False
+        return pattern.kept[-1] > pattern.removed[0]  # some kept layer runs after the jump
 
 
 class PatternScorer:
@@ -128,6 +196,7 @@ class PatternScorer:
         batch_size: Blocks per forward pass.
         token_budget: Score on the first blocks holding at most this many tokens (None: all).
         kl_top_k: Dense probabilities kept per position for ``kl``.
+        prefix_cache_mb: Memory for dense hidden states shared by all candidates (0: off).
 
     Attributes:
         calls: Patterns scored so far (the dense reference is not counted).
@@ -142,9 +211,12 @@ class PatternScorer:
         batch_size: int = 8,
         token_budget: int | None = None,
         kl_top_k: int = 64,
+        prefix_cache_mb: float = 0,
     ):
         if blocks.ndim != 2 or blocks.shape[0] == 0:
-            raise ValueError(f"calibration blocks must be a non-empty (N, T) tensor, got {tuple(blocks.shape)}")
+            raise ValueError(
+                f"calibration blocks must be a non-empty (N, T) tensor, got {tuple(blocks.shape)}"
+            )
         if metric not in ("ppl", "kl"):
             raise ValueError(f"unknown fitness metric {metric!r} (use 'ppl' or 'kl')")
         if token_budget is not None:
@@ -156,23 +228,46 @@ class PatternScorer:
         self.num_layers = num_layers(model)
         self.calls = 0
         self.seconds = 0.0
-        self._dense = DenseTopK(model, blocks, kl_top_k, batch_size) if metric == "kl" else None
+        device = _device_of(model)
+        self._batches = [b.to(device) for b in _batches(blocks, batch_size)]
+        self._dense = DenseTopK(model, self._batches, kl_top_k) if metric == "kl" else None
+        self._prefix = DensePrefix(model, self._batches, prefix_cache_mb) if prefix_cache_mb > 0 else None
 
-    def _score_current(self) -> float:
+    def _score(self, start: "DensePrefix | None" = None, pattern: Pattern | None = None) -> float:
+        """Score the model as it stands (or from the dense prefix cache for ``pattern``)."""
+        import torch
+
+        total, count = 0.0, 0
+        batch_index = [0]
+        ctx = start.start_at(self.model, pattern, batch_index) if start is not None else nullcontext()
+        with torch.inference_mode(), ctx:
+            for i, batch in enumerate(self._batches):
+                batch_index[0] = i
+                logits = self.model(input_ids=batch, use_cache=False).logits  # (B, T, V)
+                if self._dense is not None:
+                    total += self._dense.batch_kl(logits, i).item()
+                    count += batch.numel()
+                else:
+                    total += _batch_nll(logits, batch).item()
+                    count += batch[:, 1:].numel()
+        value = total / count
         if self._dense is not None:
-            kl = self._dense.kl(self.model, self.blocks, self.batch_size)
-            return kl if math.isfinite(kl) else math.inf
-        return perplexity(self.model, self.blocks, self.batch_size)
+            return value if math.isfinite(value) else math.inf
+        return nll_to_ppl(value)
 
     def dense(self) -> float:
-        """Fitness of the unpruned model (ppl; 0 for kl up to rounding)."""
-        return self._score_current()
+        """Fitness of the unpruned model (its perplexity; 0 for ``kl``)."""
+        return self._score()
 
     def __call__(self, pattern: Pattern) -> float:
         """Fitness of ``pattern`` (lower is better; ``inf`` when the pruned model diverges)."""
         start = time.perf_counter()
-        with layers_skipped(self.model, pattern):
-            value = self._score_current()
+        check_pattern(self.model, pattern)
+        if self._prefix is not None and self._prefix.covers(pattern):
+            value = self._score(self._prefix, pattern)
+        else:
+            with layers_kept(self.model, pattern.kept):
+                value = self._score()
         self.calls += 1
         self.seconds += time.perf_counter() - start
         log.debug("fitness %s = %.4g", pattern, value)

@@ -9,9 +9,10 @@ places; :func:`layers_skipped` removes layers *in place* for scoring and puts th
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from evop.patterns import Pattern
 
@@ -130,27 +131,27 @@ def _kept_layer_state(cfg: Any, kept: tuple[int, ...]) -> dict[str, Any]:
     return out
 
 
-def _check_pattern(model: "nn.Module", pattern: Pattern) -> None:
+def check_pattern(model: "nn.Module", pattern: Pattern) -> None:
+    """Raise ValueError when ``pattern`` was made for a model with another layer count."""
     n = num_layers(model)
     if pattern.num_layers != n:
         raise ValueError(f"pattern {pattern} is for {pattern.num_layers} layers, the model has {n}")
 
 
-def keep_only(model: "nn.Module", pattern: Pattern) -> tuple["nn.ModuleList", dict[str, Any]]:
-    """Make ``model`` run only the pattern's kept layers; return what :func:`restore` needs.
+def keep_only(model: "nn.Module", kept: Sequence[int]) -> tuple["nn.ModuleList", dict[str, Any]]:
+    """Make ``model`` run only the layers at positions ``kept``; return what :func:`restore` needs.
 
-    Nothing is copied: the decoder list is swapped for a new list of the same kept module
-    objects, and the layer count and per-layer config lists are set to match.
+    Nothing is copied: the decoder list is swapped for a new list of the same module objects,
+    and the layer count and per-layer config lists are set to match.
     """
     from torch import nn
 
-    _check_pattern(model, pattern)
     access = layer_access(model)
     original = access.layers(model)
     cfg = access.config(model)
     saved = _layer_state(cfg)
-    _set(model, access.layers_path, nn.ModuleList([original[i] for i in pattern.kept]))
-    _apply_layer_state(cfg, _kept_layer_state(cfg, pattern.kept))
+    _set(model, access.layers_path, nn.ModuleList([original[i] for i in kept]))
+    _apply_layer_state(cfg, _kept_layer_state(cfg, tuple(kept)))
     return original, saved
 
 
@@ -162,17 +163,22 @@ def restore(model: "nn.Module", original: "nn.ModuleList", saved: dict[str, Any]
 
 
 @contextmanager
-def layers_skipped(model: "nn.Module", pattern: Pattern) -> Iterator["nn.Module"]:
-    """Run ``model`` without the pattern's layers inside the block, then restore it exactly.
-
-    The KV-cache ``layer_idx`` bookkeeping is left alone, so run the model with
-    ``use_cache=False`` inside.
-    """
-    original, saved = keep_only(model, pattern)
+def layers_kept(model: "nn.Module", kept: Sequence[int]) -> Iterator["nn.Module"]:
+    """Run ``model`` with only the layers at positions ``kept`` inside the block, then restore it
+    exactly. The KV-cache ``layer_idx`` bookkeeping is left alone: use ``use_cache=False``."""
+    original, saved = keep_only(model, kept)
     try:
         yield model
     finally:
         restore(model, original, saved)
+
+
+@contextmanager
+def layers_skipped(model: "nn.Module", pattern: Pattern) -> Iterator["nn.Module"]:
+    """Run ``model`` without the pattern's layers inside the block, then restore it exactly."""
+    check_pattern(model, pattern)
+    with layers_kept(model, pattern.kept):
+        yield model
 
 
 def resolve_device(device: str) -> "torch.device":
@@ -222,7 +228,7 @@ def load_model(cfg: "ModelConfig") -> tuple["nn.Module", Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
             f"cannot load model {cfg.name_or_path!r}: {first} "

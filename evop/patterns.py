@@ -7,8 +7,8 @@ line (``"1,5,7/30"``) and be read back from that line or from JSON.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 @dataclass(frozen=True, order=True)

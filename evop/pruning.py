@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evop.models import keep_only, layer_access
+from evop.models import check_pattern, keep_only, layer_access
 from evop.patterns import Pattern
 
 if TYPE_CHECKING:
@@ -25,7 +25,8 @@ def prune_layers(model: "nn.Module", pattern: Pattern, base_model: str | None = 
     updated, and the provenance is recorded in ``config.evop_pruning`` so it travels with the
     checkpoint.
     """
-    keep_only(model, pattern)
+    check_pattern(model, pattern)
+    keep_only(model, pattern.kept)
     for new_idx, layer in enumerate(layer_access(model).layers(model)):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):

@@ -76,7 +76,9 @@ def test_random_sample_is_seeded():
 
 def test_load_texts_local_formats(tmp_path):
     (tmp_path / "a.txt").write_text("hello world")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "one"}) + "\n\n" + json.dumps({"body": "two"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"body": "one"}) + "\n\n" + json.dumps({"body": "two"}) + "\n"
+    )
     assert load_texts(str(tmp_path / "a.txt")) == ["hello world"]
     assert load_texts(str(tmp_path / "b.jsonl"), text_field="body") == ["one", "two"]
     with pytest.raises(CalibrationDataError, match="no field 'text'"):
@@ -119,5 +121,15 @@ def test_build_calibration_set_with_model_embeddings():
     assert calib.summary()["clusters_covered"] == 3
     again = build_calibration_set(cfg, CharTokenizer(), model, texts=texts)
     assert again.pool_indices == calib.pool_indices
-    rnd = build_calibration_set(cfg.model_copy(update={"method": "random"}), CharTokenizer(), model, texts=texts)
+    rnd = build_calibration_set(
+        cfg.model_copy(update={"method": "random"}), CharTokenizer(), model, texts=texts
+    )
     assert rnd.method == "random" and rnd.blocks.shape == (6, 16)
+
+
+def test_unreachable_dataset_name_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(CalibrationDataError, match="cannot load dataset 'wikitext'.*wikitext-2-raw-v1"):
+        load_texts("wikitext", "wikitext-2-raw-v1", "train")

@@ -49,7 +49,8 @@ def test_kl_is_zero_for_dense_and_positive_when_pruned_with_bounded_memory():
     model = tiny_model("qwen2")
     blocks = random_blocks(4, 16)
     scorer = PatternScorer(model, blocks, metric="kl", kl_top_k=8, batch_size=3)
-    assert scorer._dense.logp.shape == (4, 16, 8)  # top-k only, never the full vocabulary
+    # top-k only, never the full vocabulary: batches of 3 + 1 blocks
+    assert [logp.shape for logp, _ in scorer._dense.parts] == [(3, 16, 8), (1, 16, 8)]
     assert scorer.dense() == pytest.approx(0.0, abs=1e-7)
     assert scorer(Pattern.of(6, [2])) > 1e-6  # random tiny models are near-uniform: small but > 0
 
@@ -60,3 +61,34 @@ def test_bad_inputs():
         PatternScorer(model, torch.zeros(0, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown fitness metric"):
         PatternScorer(model, random_blocks(), metric="bleu")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2", "opt"])
+def test_dense_prefix_cache_gives_identical_scores_and_skips_the_prefix(model_type):
+    model = tiny_model(model_type, num_layers=6)
+    blocks = random_blocks(5, 16)
+    plain = PatternScorer(model, blocks, batch_size=2)
+    cached = PatternScorer(model, blocks, batch_size=2, prefix_cache_mb=64)
+    assert cached._prefix.depth == 5
+    for removed in ([1], [2, 4], [3], [5], [0, 2], [4, 5], [1, 2, 3, 4]):
+        pattern = Pattern.of(6, removed)
+        assert cached(pattern) == plain(pattern), removed  # bit-identical, not just close
+    assert cached.dense() == plain.dense()
+
+    calls = []
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, j=j: calls.append(j))
+        for j, layer in enumerate(layer_access(model).layers(model))
+    ]
+    cached(Pattern.of(6, [3]))
+    for h in handles:
+        h.remove()
+    assert sorted(set(calls)) == [4, 5]  # layers 0-2 came from the cache, 3 was removed
+
+
+def test_prefix_cache_respects_its_memory_budget():
+    model = tiny_model("llama", num_layers=6)
+    blocks = random_blocks(4, 16)  # one layer's states: 4 * 16 * 32 hidden * 4 bytes = 8 KiB
+    scorer = PatternScorer(model, blocks, prefix_cache_mb=2 * 8 / 1024)
+    assert scorer._prefix.depth == 2
+    assert scorer(Pattern.of(6, [4])) == PatternScorer(model, blocks)(Pattern.of(6, [4]))

@@ -28,10 +28,18 @@ pytestmark = pytest.mark.real
 def searched(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "run"
     args = [
-        "search", "--config", "configs/demo.yaml", "--quiet", f"output_dir={out}",
+        "search",
+        "--config",
+        "configs/demo.yaml",
+        "--quiet",
+        f"output_dir={out}",
         # A small budget: the point is the whole path on the real model, not the best pattern.
-        "calibration.pool_size=48", "calibration.block_len=64", "calibration.n_samples=4",
-        "calibration.n_clusters=4", "search.population=8", "search.generations=3",
+        "calibration.pool_size=48",
+        "calibration.block_len=64",
+        "calibration.n_samples=4",
+        "calibration.n_clusters=4",
+        "search.population=8",
+        "search.generations=3",
     ]
     assert main(args) == 0
     return out, json.loads((out / "result.json").read_text())
