@@ -14,7 +14,7 @@ DEMO_OUT    ?= runs/demo
 .PHONY: install assets test test-fast demo lint clean help
 
 help:
-	@echo "make demo   - prepare assets, search, prune and compare perplexities on the demo model"
+	@echo "make demo   - prepare assets, then the whole pipeline (Prefect flow) on the demo model"
 	@echo "make test   - the whole test suite (unit + real-model tier)"
 	@echo "make test-fast - unit tests only (tiny random models, no assets)"
 	@echo "make assets - prepare the offline demo model, embedder and text"
@@ -39,12 +39,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not real"
 
 demo: assets
-	$(BIN)/evop search --config $(DEMO_CONFIG) output_dir=$(DEMO_OUT)
-	$(BIN)/evop prune --result $(DEMO_OUT)/result.json
-	$(BIN)/evop ppl $(DEMO_OUT)/pruned-model --base evop-assets:smollm2 \
-		--calibration $(DEMO_OUT)/calibration.safetensors \
-		--text evop-assets:news --json $(DEMO_OUT)/perplexity.json
-	@echo "result: $(DEMO_OUT)/result.json   pruned model: $(DEMO_OUT)/pruned-model"
+	$(BIN)/evop run --config $(DEMO_CONFIG) output_dir=$(DEMO_OUT)
 
 lint: install
 	$(BIN)/ruff check evop tests

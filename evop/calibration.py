@@ -302,6 +302,41 @@ class CalibrationSet:
         }
 
 
+def embed_pool(
+    pool: "torch.Tensor", cfg: "CalibrationConfig", tokenizer: Any, model: "nn.Module | None" = None
+) -> np.ndarray:
+    """Embeddings of the pool blocks with the configured embedder: ``(P, D)``."""
+    if cfg.embedder == "model":
+        if model is None:
+            raise ValueError("embedder 'model' needs the model")
+        return embed_with_model(model, pool)
+    device = str(next(model.parameters()).device) if model is not None else "cpu"
+    texts_of_blocks = tokenizer.batch_decode(pool, skip_special_tokens=True)
+    return embed_with_sentence_model(texts_of_blocks, cfg.embedder, device=device)
+
+
+def sample_pool(
+    pool: "torch.Tensor", cfg: "CalibrationConfig", embeddings: np.ndarray | None
+) -> CalibrationSet:
+    """Draw the calibration set from the pool: CCDS on ``embeddings``, or uniformly at random."""
+    if cfg.method == "random":
+        idx = random_sample(pool.shape[0], cfg.n_samples, cfg.seed)
+        return CalibrationSet(pool[idx], idx, "random", int(pool.shape[0]))
+    if embeddings is None:
+        raise ValueError("CCDS needs the pool's embeddings")
+    idx, labels = kmeans_sample(
+        embeddings, cfg.n_samples, cfg.n_clusters, cfg.per_cluster, cfg.within_cluster, cfg.seed
+    )
+    sizes = np.bincount(labels).tolist()
+    log.info(
+        "CCDS: %d blocks from a pool of %d in %d clusters (sizes %s)",
+        len(idx), pool.shape[0], len(sizes), sizes,
+    )  # fmt: skip
+    return CalibrationSet(
+        pool[idx], idx, "ccds", int(pool.shape[0]), len(sizes), sizes, [int(labels[i]) for i in idx]
+    )
+
+
 def build_calibration_set(
     cfg: "CalibrationConfig", tokenizer: Any, model: "nn.Module | None" = None, texts: list[str] | None = None
 ) -> CalibrationSet:
@@ -316,28 +351,5 @@ def build_calibration_set(
     if texts is None:
         texts = load_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
     pool = block_pool(texts, tokenizer, cfg.block_len, cfg.pool_size, cfg.seed, min_blocks=cfg.n_samples)
-    if cfg.method == "random":
-        idx = random_sample(pool.shape[0], cfg.n_samples, cfg.seed)
-        return CalibrationSet(pool[idx], idx, "random", int(pool.shape[0]))
-    if cfg.embedder == "model":
-        if model is None:
-            raise ValueError("embedder 'model' needs the model")
-        emb = embed_with_model(model, pool)
-    else:
-        device = str(next(model.parameters()).device) if model is not None else "cpu"
-        texts_of_blocks = tokenizer.batch_decode(pool, skip_special_tokens=True)
-        emb = embed_with_sentence_model(texts_of_blocks, cfg.embedder, device=device)
-    idx, labels = kmeans_sample(
-        emb, cfg.n_samples, cfg.n_clusters, cfg.per_cluster, cfg.within_cluster, cfg.seed
-    )
-    sizes = np.bincount(labels).tolist()
-    log.info(
-        "CCDS: %d blocks from a pool of %d in %d clusters (sizes %s)",
-        len(idx),
-        pool.shape[0],
-        len(sizes),
-        sizes,
-    )
-    return CalibrationSet(
-        pool[idx], idx, "ccds", int(pool.shape[0]), len(sizes), sizes, [int(labels[i]) for i in idx]
-    )
+    embeddings = embed_pool(pool, cfg, tokenizer, model) if cfg.method == "ccds" else None
+    return sample_pool(pool, cfg, embeddings)

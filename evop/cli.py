@@ -17,7 +17,8 @@ log = logging.getLogger("evop")
 EXAMPLES = """\
 examples:
   evop assets                                   # prepare the offline demo model and text
-  evop search --config configs/demo.yaml        # CCDS + EPPS, writes result.json
+  evop run --config configs/demo.yaml           # the whole pipeline as a Prefect flow
+  evop search --config configs/demo.yaml        # CCDS + EPPS only, writes result.json
   evop search --config my.yaml search.sparsity=0.3 model.name_or_path=meta-llama/Llama-3.1-8B
   evop prune --result runs/demo/result.json     # write the pruned checkpoint
   evop ppl runs/demo/pruned-model --base evop-assets:smollm2 --text evop-assets:news
@@ -73,13 +74,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
     bar = tqdm(total=cfg.search.generations + 1, desc="EPPS generations", unit="gen", disable=args.quiet)
 
-    def progress(state: Any) -> None:
-        bar.n = state.generation + 1
-        bar.set_postfix(best=f"{state.best_fitness:.4g}", evals=state.evaluations)
+    def progress(entry: dict[str, Any]) -> None:
+        bar.n = entry["generation"] + 1
+        bar.set_postfix(best=f"{entry['best_fitness']:.4g}", evals=entry["total_evaluations"])
         bar.refresh()
 
     try:
-        result = run_search(cfg, on_generation=progress, resume=not args.restart)
+        result = run_search(cfg, on_generation=progress)
     finally:
         bar.close()
     _table(
@@ -105,6 +106,40 @@ def cmd_search(args: argparse.Namespace) -> int:
             ("result", str(Path(cfg.output_dir) / RESULT_FILE)),
         ],
     )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_cfg(args)
+    # Prefect without a server starts a temporary local one; it must not phone home, and a busy
+    # 2-core machine needs longer than the default to start it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.evop_pipeline import evop_pipeline
+
+    summary = evop_pipeline(config=cfg)
+    result, ppl = summary["result"], summary["perplexity"]
+    rows = [
+        ("model", result["base_model"]),
+        (
+            "removed layers",
+            f"{result['removed_layers']} ({len(result['removed_layers'])} of {result['num_layers']})",
+        ),
+        (
+            "generations / evaluations",
+            f"{result['generations']} / {result['evaluations']} ({result['stop_reason']})",
+        ),
+        ("generations run now", str(summary["generations_run_now"])),
+    ]
+    for text in ppl["dense"]:
+        dense, pruned = ppl["dense"][text], ppl["pruned"][text]
+        rows.append((f"ppl {text}", f"dense {_fmt(dense)} -> pruned {_fmt(pruned)} ({pruned / dense:.2f}x)"))
+    rows += [
+        ("checkpoints", summary["checkpoints"]),
+        ("result", str(Path(cfg.output_dir) / "result.json")),
+        ("pruned model", summary["pruned_model"]),
+    ]
+    _table("EvoP pipeline", rows)
     return 0
 
 
@@ -207,9 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="CCDS calibration sampling + evolutionary pattern search")
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. search.sparsity=0.3")
-    p.add_argument("--restart", action="store_true", help="ignore a saved search state and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("run", help="the whole pipeline as a resumable Prefect flow (search, prune, evaluate)")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. checkpoints=s3://bucket/evop"
+    )
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("prune", help="write the pruned checkpoint of a search result")
     p.add_argument("--result", required=True, help="result.json written by `evop search`")
@@ -237,13 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from evop.assets import AssetError
     from evop.calibration import CalibrationDataError
+    from evop.checkpoints import StorageError
     from evop.models import ModelLoadError, UnsupportedModelError
 
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"evop: invalid configuration:\n{err}", file=sys.stderr)
-    except (AssetError, CalibrationDataError, ModelLoadError, UnsupportedModelError) as err:
+    except (AssetError, CalibrationDataError, ModelLoadError, UnsupportedModelError, StorageError) as err:
         print(f"evop: {err}", file=sys.stderr)
     except ValueError as err:
         print(f"evop: {err}", file=sys.stderr)

@@ -147,6 +147,18 @@ class FitnessConfig(_Section):
     )
 
 
+class EvaluationConfig(_Section):
+    """How the pipeline scores the dense and the pruned model after the search."""
+
+    heldout: list[str] = Field(
+        default_factory=lambda: ["evop-assets:news"],
+        description="Held-out text sources (other domains than the calibration text) for perplexity.",
+    )
+    block_len: int = Field(256, ge=8, description="Tokens per held-out window (non-overlapping).")
+    max_blocks: int | None = Field(16, ge=1, description="Held-out windows per source (None: all).")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
+
+
 class EvoPConfig(_Section):
     """A whole EvoP run: model, calibration, search, fitness and output."""
 
@@ -154,11 +166,18 @@ class EvoPConfig(_Section):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     fitness: FitnessConfig = Field(default_factory=FitnessConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output_dir: str = Field("runs/evop", description="Where result.json and the pruned model go.")
+    checkpoints: str | None = Field(
+        None,
+        description="Checkpoint store of the pipeline: file:///path or s3://bucket/prefix (default: "
+        "<output_dir>/checkpoints). S3 credentials and endpoint come from the AWS environment "
+        "(AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.aws), never from this file.",
+    )
 
     def search_hash(self) -> str:
-        """Short hash of everything that determines the search result (not the output place)."""
-        payload = self.model_dump(mode="json", exclude={"output_dir"})
+        """Short hash of everything that determines the search result (not where results go)."""
+        payload = self.model_dump(mode="json", include={"model", "calibration", "search", "fitness"})
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -9,20 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from evop.config import EvoPConfig
-from evop.patterns import Pattern, layers_to_remove
-from evop.search import GeneticSearch, SearchState
+from evop.patterns import Pattern
+from evop.search import SearchState
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
-STATE_FILE = "search_state.json"
-CALIBRATION_FILE = "calibration.safetensors"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -73,73 +70,37 @@ def build_result(
     }
 
 
-def _load_saved_state(path: Path, config_hash: str) -> SearchState | None:
-    """A previous run's search state for the same config, or None (then start afresh)."""
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-        if saved.get("config_hash") != config_hash:
-            log.warning("%s belongs to another config; starting a new search", path)
-            return None
-        return SearchState.from_json(json.dumps(saved["state"]))
-    except (ValueError, KeyError, TypeError) as err:
-        log.warning("cannot read %s (%s); starting a new search", path, err)
-        return None
-
-
 def run_search(
-    cfg: EvoPConfig,
-    on_generation: Callable[[SearchState], None] | None = None,
-    resume: bool = True,
+    cfg: EvoPConfig, on_generation: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
-    """Run CCDS + EPPS for ``cfg`` and write ``result.json`` (plus the search state and the
-    calibration blocks) to ``cfg.output_dir``.
+    """Run CCDS + EPPS for ``cfg`` in this process and write ``result.json`` to ``cfg.output_dir``.
 
-    The search state is saved after every generation; with ``resume`` a re-run of the same
-    config continues from it and ends with the same pattern as an uninterrupted run.
+    The same idempotent steps as the Prefect pipeline, called in order: every generation is
+    checkpointed to the store (``cfg.checkpoints``, default ``<output_dir>/checkpoints``), so a
+    re-run of the same config continues from the last checkpoint and ends with the same pattern
+    as an uninterrupted run; a finished search returns at once.
+
+    Args:
+        cfg: The run's configuration.
+        on_generation: Called with each generation's history entry (progress display).
 
     Returns:
         The result dictionary (see :func:`build_result`).
     """
-    from evop.calibration import build_calibration_set
-    from evop.evaluation import save_blocks
-    from evop.fitness import PatternScorer
-    from evop.models import load_model, num_layers
+    from evop import pipeline
 
-    start = time.perf_counter()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_hash = cfg.search_hash()
-    # Size the problem right after loading: a bad sparsity fails before calibration and search.
-    model, tokenizer = load_model(cfg.model)
-    n_layers = num_layers(model)
-    k = layers_to_remove(n_layers, cfg.search.sparsity, cfg.search.num_remove)
-
-    calib = build_calibration_set(cfg.calibration, tokenizer, model)
-    save_blocks(calib.blocks, out / CALIBRATION_FILE)
-    f = cfg.fitness
-    scorer = PatternScorer(
-        model, calib.blocks, f.metric, f.batch_size, f.token_budget, f.kl_top_k, f.prefix_cache_mb
-    )
-    dense = scorer.dense()
-    log.info("dense %s on %d calibration blocks: %.4f", f.metric, calib.blocks.shape[0], dense)
-
-    search = GeneticSearch(n_layers, k, cfg.search, fitness=scorer)
-    state = _load_saved_state(out / STATE_FILE, config_hash) if resume else None
-    if state is not None:
-        log.info(
-            "resuming the search after generation %d (%d evaluations)", state.generation, state.evaluations
-        )
-
-    def checkpoint(s: SearchState) -> None:
-        write_json_atomic(out / STATE_FILE, {"config_hash": config_hash, "state": json.loads(s.to_json())})
+    pipeline.segment_dataset(cfg)
+    pipeline.embed_pool(cfg)
+    pipeline.sample_calibration_set(cfg)
+    status = pipeline.search_status(cfg)
+    generation = status["generation"] + 1
+    if status["generation"] >= 0:
+        log.info("resuming after generation %d from %s", status["generation"], pipeline.Run(cfg).url())
+    done = status["done"]
+    while not done:
+        entry = pipeline.run_generation(cfg, generation)
         if on_generation is not None:
-            on_generation(s)
-
-    state = search.run(state, on_generation=checkpoint)
-    result = build_result(cfg, state, dense, calib.summary(), time.perf_counter() - start)
-    result["fitness_seconds"] = round(scorer.seconds, 3)
-    write_json_atomic(out / RESULT_FILE, result)
-    log.info("best pattern %s: %s %.4f (dense %.4f)", state.best, f.metric, state.best_fitness, dense)
-    return result
+            on_generation(entry)
+        done = entry["done"]
+        generation += 1
+    return pipeline.finalize_search(cfg)

@@ -202,6 +202,43 @@ def resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
     return getattr(torch, dtype)
 
 
+def _load_kwargs(cfg: "ModelConfig") -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    return kwargs
+
+
+def _load_error(cfg: "ModelConfig", err: Exception) -> ModelLoadError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelLoadError(
+        f"cannot load model {cfg.name_or_path!r}: {first} "
+        "(a hub id needs network access to the Hugging Face Hub; a local path must be a "
+        "model directory with config.json and weights)"
+    )
+
+
+def load_tokenizer(cfg: "ModelConfig") -> Any:
+    """The model's tokenizer alone (cheap: no weights), with a pad token.
+
+    Raises:
+        ModelLoadError: naming the model when it cannot be found or read.
+    """
+    from transformers import AutoTokenizer
+
+    from evop.assets import resolve_reference
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_reference(cfg.name_or_path), **_load_kwargs(cfg))
+    except (OSError, ValueError) as err:
+        raise _load_error(cfg, err) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(cfg: "ModelConfig") -> tuple["nn.Module", Any]:
     """Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
 
@@ -213,35 +250,24 @@ def load_model(cfg: "ModelConfig") -> tuple["nn.Module", Any]:
         ModelLoadError: naming the model when it cannot be found or read.
         UnsupportedModelError: when its decoder layers cannot be reached.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from evop.assets import resolve_reference
 
-    source = resolve_reference(cfg.name_or_path)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.revision:
-        kwargs["revision"] = cfg.revision
-    if cfg.gguf_file:
-        kwargs["gguf_file"] = cfg.gguf_file
+    tokenizer = load_tokenizer(cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_reference(cfg.name_or_path), dtype=dtype, **_load_kwargs(cfg)
+        )
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(
-            f"cannot load model {cfg.name_or_path!r}: {first} "
-            "(a hub id needs network access to the Hugging Face Hub; a local path must be a "
-            "model directory with config.json and weights)"
-        ) from err
+        raise _load_error(cfg, err) from err
     if cfg.gguf_file:
         forget_quantization(model)
     model.to(device)
     model.eval()
     layer_access(model)  # fail early, before any heavy work, on an unknown family
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     log.info(
         "loaded %s (%s, %d layers, %.1fM params) on %s as %s",
         cfg.name_or_path,

@@ -11,10 +11,11 @@ from transformers import AutoModelForCausalLM
 from evop.cli import main
 from evop.config import build_config
 from evop.evaluation import load_blocks
-from evop.experiment import STATE_FILE, run_search
+from evop.experiment import run_search
 from evop.fitness import perplexity
 from evop.models import layers_skipped, num_layers
 from evop.patterns import Pattern
+from evop.pipeline import Run
 from tests.tiny_models import save_tiny_model
 
 WORDS = "the river runs north of the old town and the market opens at dawn while ships wait".split()
@@ -127,21 +128,21 @@ def test_interrupted_search_resumes_to_the_same_result(tiny_dir, text_file, tmp_
     class Crash(Exception):
         pass
 
-    def crash_after_gen_1(state):
-        if state.generation == 1:
+    def crash_after_gen_1(entry):
+        if entry["generation"] == 1:
             raise Crash
 
     cfg = _cfg(tiny_dir, text_file, tmp_path / "crashed")
     with pytest.raises(Crash):
         run_search(cfg, on_generation=crash_after_gen_1)
-    saved = json.loads((tmp_path / "crashed" / STATE_FILE).read_text())
-    assert saved["state"]["generation"] == 1
-    seen_generations = []
-    resumed = run_search(cfg, on_generation=lambda s: seen_generations.append(s.generation))
-    assert seen_generations[0] == 2  # generations 0 and 1 were not recomputed
+    assert Run(cfg).checkpoints.latest().generation == 1
+    seen = []
+    resumed = run_search(cfg, on_generation=seen.append)
+    assert seen[0]["generation"] == 2  # generations 0 and 1 were not recomputed
+    assert seen[0]["total_evaluations"] - seen[0]["new_evaluations"] == full["history"][1]["evaluations"]
 
     def comparable(r):  # everything but timings and the output place
-        r = {k: v for k, v in r.items() if k not in ("wall_time_s", "fitness_seconds", "config")}
+        r = {k: v for k, v in r.items() if k not in ("wall_time_s", "checkpoints", "config")}
         r["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]]
         return r
 

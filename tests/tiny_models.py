@@ -113,3 +113,17 @@ def save_tiny_model(path, model_type: str = "llama", num_layers: int = 6, seed: 
     tiny_model(model_type, num_layers, seed).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+WORDS = "the river runs north of the old town and the market opens at dawn while ships wait".split()
+
+
+def write_docs(path, n_docs: int = 60, seed: int = 0):
+    """A .jsonl file of ``n_docs`` random word documents (calibration text for tiny models)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 120))) for _ in range(n_docs)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path

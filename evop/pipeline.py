@@ -1,0 +1,349 @@
+"""The pipeline's steps as idempotent library functions over a checkpoint store.
+
+Each step reads its inputs from the store, writes its output there under the run prefix (derived
+from the hash of the search-determining config) and returns a small value. A step whose output
+is already in the store returns it without recomputing, so a re-run (new run, flow retry, another
+machine) resumes where the last one stopped. ``tasks/`` wraps each step as a Prefect task; this
+module never imports Prefect.
+
+Store layout under ``<store>/<run prefix>/``::
+
+    calibration/pool.safetensors        candidate blocks (P, T)
+    calibration/embeddings.npy          their embeddings (P, D), CCDS only
+    calibration/sample.json             the drawn indices and the CCDS summary
+    calibration/blocks.safetensors      the calibration blocks (n, T)
+    generations/gen-000003.json         search state after generation 3 (+ manifest.json)
+    result.json                         the finished search (the ``result.json`` contract)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evop.checkpoints import ObjectStore, SearchCheckpoints, open_store
+from evop.config import EvoPConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from evop.fitness import PatternScorer
+
+log = logging.getLogger(__name__)
+
+POOL = "calibration/pool.safetensors"
+EMBEDDINGS = "calibration/embeddings.npy"
+SAMPLE = "calibration/sample.json"
+BLOCKS = "calibration/blocks.safetensors"
+RESULT = "result.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a run lives, and small codecs for the store
+# ---------------------------------------------------------------------------------------------
+
+
+def store_uri(cfg: EvoPConfig) -> str:
+    """The checkpoint store of ``cfg``: ``cfg.checkpoints`` or ``<output_dir>/checkpoints``."""
+    return cfg.checkpoints or Path(cfg.output_dir, "checkpoints").resolve().as_uri()
+
+
+def run_prefix(cfg: EvoPConfig) -> str:
+    """Key prefix of this search: two different searches never share it."""
+    return f"evop-{cfg.search_hash()}"
+
+
+class Run:
+    """One search's corner of the store."""
+
+    def __init__(self, cfg: EvoPConfig):
+        self.cfg = cfg
+        self.store: ObjectStore = open_store(store_uri(cfg))
+        self.prefix = run_prefix(cfg)
+        self.checkpoints = SearchCheckpoints(self.store, self.prefix)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def url(self, name: str = "") -> str:
+        return self.store.url(self.key(name).rstrip("/"))
+
+    def get(self, name: str) -> bytes | None:
+        return self.store.get(self.key(name))
+
+    def put(self, name: str, data: bytes) -> None:
+        self.store.put(self.key(name), data)
+
+    def get_tensor(self, name: str) -> "torch.Tensor | None":
+        from safetensors.torch import load
+
+        raw = self.get(name)
+        return None if raw is None else load(raw)["data"]
+
+    def put_tensor(self, name: str, tensor: "torch.Tensor") -> None:
+        from safetensors.torch import save
+
+        self.put(name, save({"data": tensor.contiguous()}))
+
+    def get_array(self, name: str) -> "np.ndarray | None":
+        import numpy as np
+
+        raw = self.get(name)
+        return None if raw is None else np.load(io.BytesIO(raw), allow_pickle=False)
+
+    def put_array(self, name: str, array: "np.ndarray") -> None:
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        self.put(name, buf.getvalue())
+
+    def get_json(self, name: str) -> Any:
+        raw = self.get(name)
+        return None if raw is None else json.loads(raw)
+
+    def put_json(self, name: str, data: Any) -> None:
+        self.put(name, json.dumps(data, indent=1, allow_nan=False).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaded models: once per worker process
+# ---------------------------------------------------------------------------------------------
+
+_MODELS: dict[str, tuple[Any, Any]] = {}
+_SCORERS: dict[str, "PatternScorer"] = {}
+
+
+def cached_model(cfg: EvoPConfig) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for ``cfg.model``, loaded once per process and kept."""
+    from evop.models import load_model
+
+    key = cfg.model.model_dump_json()
+    if key not in _MODELS:
+        _MODELS[key] = load_model(cfg.model)
+    return _MODELS[key]
+
+
+def cached_scorer(run: Run) -> "PatternScorer":
+    """The pattern scorer of this run (model + calibration blocks), built once per process."""
+    from evop.fitness import PatternScorer
+
+    key = run.prefix
+    if key not in _SCORERS:
+        blocks = run.get_tensor(BLOCKS)
+        if blocks is None:
+            raise RuntimeError(
+                f"no calibration blocks at {run.url(BLOCKS)}: sample the calibration set first"
+            )
+        model, _ = cached_model(run.cfg)
+        f = run.cfg.fitness
+        _SCORERS[key] = PatternScorer(
+            model, blocks, f.metric, f.batch_size, f.token_budget, f.kl_top_k, f.prefix_cache_mb
+        )
+    return _SCORERS[key]
+
+
+def forget_models() -> None:
+    """Drop the process-wide model cache (tests; freeing GPU memory)."""
+    _MODELS.clear()
+    _SCORERS.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+
+
+def segment_dataset(cfg: EvoPConfig) -> str:
+    """Read the calibration text and cut the candidate pool of token blocks.
+
+    Returns:
+        The pool's URL in the store.
+    """
+    from evop.calibration import block_pool, load_texts
+    from evop.models import load_tokenizer
+
+    run = Run(cfg)
+    if run.get(POOL) is None:
+        c = cfg.calibration
+        texts = load_texts(c.dataset, c.dataset_config, c.split, c.text_field)
+        pool = block_pool(texts, load_tokenizer(cfg.model), c.block_len, c.pool_size, c.seed, c.n_samples)
+        run.put_tensor(POOL, pool)
+        log.info("pool of %d blocks x %d tokens -> %s", pool.shape[0], pool.shape[1], run.url(POOL))
+    return run.url(POOL)
+
+
+def embed_pool(cfg: EvoPConfig) -> str | None:
+    """Embed the pool blocks for CCDS (nothing to do for random sampling).
+
+    Returns:
+        The embeddings' URL, or None for ``method: random``.
+    """
+    from evop.calibration import embed_pool as embed
+
+    if cfg.calibration.method != "ccds":
+        return None
+    run = Run(cfg)
+    if run.get(EMBEDDINGS) is None:
+        pool = _require_tensor(run, POOL)
+        if cfg.calibration.embedder == "model":
+            model, tokenizer = cached_model(cfg)
+        else:
+            from evop.models import load_tokenizer
+
+            model, tokenizer = None, load_tokenizer(cfg.model)
+        run.put_array(EMBEDDINGS, embed(pool, cfg.calibration, tokenizer, model))
+    return run.url(EMBEDDINGS)
+
+
+def sample_calibration_set(cfg: EvoPConfig) -> dict[str, Any]:
+    """Draw the calibration blocks from the pool (CCDS or random).
+
+    Returns:
+        The calibration summary (method, n_samples, block_len, n_clusters, ...).
+    """
+    from evop.calibration import sample_pool
+
+    run = Run(cfg)
+    saved = run.get_json(SAMPLE)
+    if saved is not None and run.get(BLOCKS) is not None:
+        return saved["summary"]
+    pool = _require_tensor(run, POOL)
+    embeddings = run.get_array(EMBEDDINGS) if cfg.calibration.method == "ccds" else None
+    calib = sample_pool(pool, cfg.calibration, embeddings)
+    run.put_tensor(BLOCKS, calib.blocks)
+    run.put_json(SAMPLE, {"pool_indices": calib.pool_indices, "summary": calib.summary()})
+    return calib.summary()
+
+
+def _require_tensor(run: Run, name: str) -> "torch.Tensor":
+    tensor = run.get_tensor(name)
+    if tensor is None:
+        raise RuntimeError(f"missing {run.url(name)}: run the earlier pipeline steps first")
+    return tensor
+
+
+def _search(run: Run):
+    from evop.models import num_layers
+    from evop.patterns import layers_to_remove
+    from evop.search import GeneticSearch
+
+    scorer = cached_scorer(run)
+    n = num_layers(scorer.model)
+    k = layers_to_remove(n, run.cfg.search.sparsity, run.cfg.search.num_remove)
+    return GeneticSearch(n, k, run.cfg.search, fitness=scorer)
+
+
+def search_status(cfg: EvoPConfig) -> dict[str, Any]:
+    """Where the search stands in the store: ``{"generation": g, "done": bool}`` (g = -1: none)."""
+    state = Run(cfg).checkpoints.latest()
+    if state is None:
+        return {"generation": -1, "done": False}
+    return {"generation": state.generation, "done": state.done}
+
+
+def run_generation(cfg: EvoPConfig, generation: int) -> dict[str, Any]:
+    """Make sure generation ``generation`` of the search is done and checkpointed.
+
+    Resumes from the newest verified checkpoint: generations already in the store are not
+    recomputed (a corrupted newest one costs that generation only).
+
+    Returns:
+        That generation's history entry plus ``done``, ``best_pattern``, ``evaluations`` and the
+        checkpoint's URL.
+    """
+    run = Run(cfg)
+    state = run.checkpoints.latest()
+    search = None
+    while state is None or (state.generation < generation and not state.done):
+        search = search or _search(run)
+        state = search.step(state or search.initial_state())
+        url = run.checkpoints.save(state)
+        log.info("checkpointed generation %d -> %s", state.generation, url)
+    entry = next((h for h in state.history if h["generation"] == generation), state.history[-1])
+    return {
+        **entry,
+        "done": state.done,
+        "stop_reason": state.stop_reason,
+        "total_evaluations": state.evaluations,
+    }
+
+
+def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
+    """Build ``result.json`` from the final checkpoint; write it to the store and ``output_dir``
+    (with ``calibration.safetensors`` beside it for later perplexity checks)."""
+    from evop.evaluation import save_blocks
+    from evop.experiment import RESULT_FILE, build_result, write_json_atomic
+
+    run = Run(cfg)
+    result = run.get_json(RESULT)
+    if result is None:
+        state = run.checkpoints.latest()
+        if state is None or not state.done:
+            raise RuntimeError(f"the search at {run.url()} is not finished")
+        dense = cached_scorer(run).dense()
+        wall = sum(h["seconds"] for h in state.history)
+        result = build_result(cfg, state, dense, run.get_json(SAMPLE)["summary"], wall)
+        result["checkpoints"] = run.url()
+        run.put_json(RESULT, result)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RESULT_FILE, result)
+    save_blocks(_require_tensor(run, BLOCKS), out / "calibration.safetensors")
+    return result
+
+
+def prune_model(cfg: EvoPConfig, result: dict[str, Any]) -> str:
+    """Save the pruned checkpoint of ``result`` to ``<output_dir>/pruned-model`` (once)."""
+    from evop.models import load_model
+    from evop.patterns import Pattern
+    from evop.pruning import save_pruned
+
+    out = Path(cfg.output_dir) / "pruned-model"
+    meta = out / "evop_pattern.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("pattern") == result["pattern"]:
+        return str(out)
+    # A fresh copy: pruning is destructive, and the cached dense model must stay whole.
+    model, tokenizer = load_model(cfg.model)
+    pattern = Pattern.of(result["num_layers"], result["removed_layers"])
+    save_pruned(model, tokenizer, pattern, out, base_model=cfg.model.name_or_path)
+    del model
+    return str(out)
+
+
+def evaluate_perplexity(cfg: EvoPConfig, pruned_dir: str) -> dict[str, dict[str, float]]:
+    """Dense vs pruned perplexity on the calibration blocks and each held-out text.
+
+    Returns:
+        ``{"dense": {set: ppl}, "pruned": {set: ppl}}``.
+    """
+    import hashlib
+
+    from evop.evaluation import perplexities, text_blocks
+    from evop.models import load_model
+
+    run = Run(cfg)
+    e = cfg.evaluation
+    pattern = json.loads((Path(pruned_dir) / "evop_pattern.json").read_text())["pattern"]
+    tag = hashlib.sha256(f"{pattern}|{e.model_dump_json()}".encode()).hexdigest()[:12]
+    name = f"evaluation/perplexity-{tag}.json"
+    saved = run.get_json(name)
+    if saved is not None:
+        return saved
+    dense_model, tokenizer = cached_model(cfg)
+    sets = {"calibration": _require_tensor(run, BLOCKS)}
+    for source in e.heldout:
+        sets[source.removeprefix("evop-assets:")] = text_blocks(source, tokenizer, e.block_len, e.max_blocks)
+    start = time.perf_counter()
+    dense = perplexities(dense_model, sets, e.batch_size)
+    pruned_model, _ = load_model(cfg.model.model_copy(update={"name_or_path": pruned_dir, "gguf_file": None}))
+    pruned = perplexities(pruned_model, sets, e.batch_size)
+    log.info("evaluated dense and pruned in %.1f s", time.perf_counter() - start)
+    scores = {"dense": dense, "pruned": pruned}
+    run.put_json(name, scores)
+    return scores

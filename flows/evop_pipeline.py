@@ -1,0 +1,155 @@
+"""The EvoP pipeline as a resumable Prefect flow.
+
+    segment-dataset -> embed-pool -> sample-calibration-set
+      -> run-generation x G (each checkpointed to the store) -> finalize-search
+      -> prune-model -> evaluate-perplexity
+
+Every step is idempotent against the checkpoint store (file:// or s3://), so re-running the flow
+with the same config (a new run, a flow retry, the UI's Retry, another machine) skips finished
+steps and continues the search at the first unfinished generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from evop.config import EvoPConfig
+from evop.pipeline import Run
+from tasks.calibration import embed_pool, sample_calibration_set, segment_dataset
+from tasks.evaluation import evaluate_perplexity
+from tasks.pruning import prune_model
+from tasks.search import finalize_search, run_generation, search_status
+
+
+@contextmanager
+def library_logs_in_run() -> Iterator[None]:
+    """Send the ``evop`` library's log lines to the flow run's logs in the Prefect UI."""
+    from prefect.logging.handlers import APILogHandler
+
+    lib = logging.getLogger("evop")
+    handler = APILogHandler()
+    lib.addHandler(handler)
+    previous = lib.level
+    lib.setLevel(min(previous or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        lib.removeHandler(handler)
+        lib.setLevel(previous)
+
+
+def gpu_slot():
+    """Hold the global concurrency limit named by ``EVOP_GPU_CONCURRENCY`` (if set), so two runs
+    never share one GPU; ``prefect gcl create gpu --limit 1`` creates it."""
+    name = os.environ.get("EVOP_GPU_CONCURRENCY")
+    if not name:
+        return nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(name, occupy=1)
+
+
+def _artifact_key(config: EvoPConfig, what: str) -> str:
+    return f"evop-{what}-{config.search_hash()}"  # lowercase letters, digits and dashes only
+
+
+def _fmt(x: float | None) -> str:
+    return "inf" if x is None or x != x or x == float("inf") else f"{x:.4g}"
+
+
+# No automatic flow retries: transient failures are retried per task, and bad input fails the
+# same way again. The UI's Retry (or a new run) resumes from the checkpoints.
+@flow(name="evop-pipeline")
+def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa: B008 (the UI form's default)
+    """CCDS calibration sampling, evolutionary pattern search, pruning and evaluation.
+
+    Args:
+        config: The whole run: model, calibration, search, fitness, evaluation, output_dir and
+            the checkpoint store (``checkpoints``: file:///path or s3://bucket/prefix).
+
+    Returns:
+        A summary: result, pruned model path, perplexities and the checkpoint location.
+    """
+    log = get_run_logger()
+    run = Run(config)
+    log.info("checkpoints of this search: %s", run.url())
+    with library_logs_in_run(), gpu_slot():
+        pool_url = segment_dataset(config)
+        embeddings_url = embed_pool(config, pool_url)
+        calibration = sample_calibration_set(config, embeddings_url)
+
+        status = search_status(config)
+        total = config.search.generations + 1
+        progress_id = create_progress_artifact(
+            progress=100.0 * (status["generation"] + 1) / total,
+            key=_artifact_key(config, "progress"),
+            description=f"EPPS generations done (of at most {total})",
+        )
+        rows: list[dict[str, Any]] = []
+        generation, done = status["generation"] + 1, status["done"]
+        if status["generation"] >= 0:
+            log.info("resuming after generation %d", status["generation"])
+        while not done:
+            entry = run_generation(config, generation)
+            rows.append(
+                {
+                    "generation": entry["generation"],
+                    "best fitness": _fmt(entry["best_fitness"]),
+                    "mean fitness": _fmt(entry["mean_fitness"]),
+                    "evaluations": entry["evaluations"],
+                    "seconds": round(entry["seconds"], 2),
+                    "best pattern": entry["best_pattern"],
+                }
+            )
+            done = entry["done"]
+            update_progress_artifact(progress_id, 100.0 if done else 100.0 * (generation + 1) / total)
+            create_table_artifact(
+                rows, key=_artifact_key(config, "generations"), description="EPPS generations of this run"
+            )
+            generation += 1
+
+        result = finalize_search(config)
+        pruned_dir = prune_model(config, result)
+        perplexity = evaluate_perplexity(config, pruned_dir)
+
+    summary = {
+        "result": result,
+        "pruned_model": pruned_dir,
+        "perplexity": perplexity,
+        "checkpoints": run.url(),
+        "calibration": calibration,
+        "generations_run_now": len(rows),
+    }
+    create_markdown_artifact(_summary_markdown(summary), key=_artifact_key(config, "summary"))
+    return summary
+
+
+def _summary_markdown(summary: dict[str, Any]) -> str:
+    r = summary["result"]
+    ppl = summary["perplexity"]
+    lines = [
+        f"# EvoP: {r['base_model']}",
+        f"Removed layers **{r['removed_layers']}** ({len(r['removed_layers'])} of {r['num_layers']}, "
+        f"sparsity {r['sparsity']:.2f}), found with {r['evaluations']} evaluations in "
+        f"{r['generations']} generations ({r['stop_reason']}).",
+        "",
+        "| text | dense ppl | pruned ppl |",
+        "| --- | --- | --- |",
+        *[f"| {k} | {_fmt(ppl['dense'][k])} | {_fmt(ppl['pruned'][k])} |" for k in ppl["dense"]],
+        "",
+        f"- checkpoints: [{summary['checkpoints']}]({summary['checkpoints']})",
+        f"- pruned model: `{summary['pruned_model']}`",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,221 @@
+"""The Prefect pipeline end to end on a tiny model, against a real Prefect API and S3 server:
+file:// and s3:// checkpoints, resume after SIGKILL, a storage outage, a corrupted checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from evop import pipeline
+from evop.checkpoints import StorageError, generation_key
+from evop.config import build_config
+from evop.models import num_layers
+from tests.tiny_models import save_tiny_model, write_docs
+
+pytest.importorskip("prefect")
+
+from flows.evop_pipeline import evop_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", "llama", num_layers=8)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    return write_docs(tmp_path_factory.mktemp("text") / "docs.jsonl")
+
+
+def make_cfg(tiny_dir, text_file, out, checkpoints=None, **search):
+    return build_config(
+        {
+            "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
+            "calibration": {
+                "dataset": str(text_file), "pool_size": 48, "block_len": 32, "n_samples": 8,
+                "embedder": "model", "n_clusters": 4,
+            },
+            "search": {"num_remove": 3, "population": 8, "generations": 5, "patience": 10, **search},
+            "fitness": {"batch_size": 4},
+            "evaluation": {"heldout": [str(text_file)], "block_len": 32, "max_blocks": 4},
+            "output_dir": str(out),
+            "checkpoints": checkpoints,
+        }
+    )  # fmt: skip
+
+
+def comparable(result: dict) -> dict:
+    """A result without timings and locations: what must match between runs of one config."""
+    out = {k: v for k, v in result.items() if k not in ("wall_time_s", "checkpoints", "config")}
+    out["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in result["history"]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, text_file, tmp_path_factory):
+    """An uninterrupted search with the library alone: the result every pipeline run must match."""
+    from evop.experiment import run_search
+
+    return run_search(make_cfg(tiny_dir, text_file, tmp_path_factory.mktemp("reference")))
+
+
+def test_flow_with_local_checkpoints_and_resume(prefect_api, tiny_dir, text_file, tmp_path, reference):
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run")
+    summary = evop_pipeline(config=cfg)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert comparable(result) == comparable(reference)
+    assert summary["generations_run_now"] == result["generations"] + 1
+    assert summary["checkpoints"].startswith("file://")
+    pruned = AutoModelForCausalLM.from_pretrained(summary["pruned_model"])
+    assert num_layers(pruned) == 5
+    assert set(summary["perplexity"]) == {"dense", "pruned"}
+    assert set(summary["perplexity"]["pruned"]) == {"calibration", str(text_file)}
+
+    again = evop_pipeline(config=cfg)  # a finished search returns from its checkpoints
+    assert again["generations_run_now"] == 0
+    assert comparable(again["result"]) == comparable(result)
+
+
+def test_progress_artifacts_reach_the_api(prefect_api, tiny_dir, text_file, tmp_path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", generations=2)
+    evop_pipeline(config=cfg)
+
+    async def latest(key):
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+            return found
+
+    h = cfg.search_hash()
+    table = asyncio.run(latest(f"evop-generations-{h}"))
+    assert table and len(json.loads(table[-1].data)) >= 1
+    assert asyncio.run(latest(f"evop-progress-{h}"))
+    summary = asyncio.run(latest(f"evop-summary-{h}"))
+    assert summary and "Removed layers" in summary[-1].data
+
+
+def test_flow_with_s3_checkpoints(prefect_api, s3_env, tiny_dir, text_file, tmp_path, reference):
+    import boto3
+
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", checkpoints=f"s3://{s3_env}/evop-runs")
+    summary = evop_pipeline(config=cfg)
+    assert summary["checkpoints"].startswith(f"s3://{s3_env}/evop-runs/evop-")
+    assert comparable(summary["result"]) == comparable(reference)
+    keys = {
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).list_objects_v2(
+            Bucket=s3_env
+        )["Contents"]
+    }
+    prefix = f"evop-runs/{pipeline.run_prefix(cfg)}"
+    assert f"{prefix}/manifest.json" in keys and f"{prefix}/result.json" in keys
+    assert f"{prefix}/{generation_key(0)}" in keys and f"{prefix}/calibration/blocks.safetensors" in keys
+
+
+def _manifest(out: Path, cfg) -> dict:
+    path = out / "checkpoints" / pipeline.run_prefix(cfg) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def test_sigkill_then_rerun_resumes_without_recomputing(
+    prefect_api, tiny_dir, text_file, tmp_path, reference
+):
+    out = tmp_path / "killed"
+    cfg = make_cfg(tiny_dir, text_file, out)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evop.cli", "run", "--config", str(tmp_path / "cfg.yaml")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while _manifest(out, cfg).get("latest", -1) < 1:
+        assert proc.poll() is None, "the flow ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint of generation 1 in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _manifest(out, cfg)["latest"]
+    assert not _manifest(out, cfg)["done"]
+
+    summary = evop_pipeline(config=cfg)
+    result = summary["result"]
+    # Generations 0..killed_at were read from the checkpoints, not recomputed.
+    assert summary["generations_run_now"] == result["generations"] - killed_at
+    first_new = result["history"][killed_at + 1]
+    assert first_new["evaluations"] - reference["history"][killed_at]["evaluations"] > 0
+    assert comparable(result) == comparable(reference)
+
+
+def test_storage_outage_during_the_search_is_survived(
+    prefect_api, s3_server, s3_env, tiny_dir, text_file, tmp_path, reference
+):
+    import boto3
+
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", checkpoints=f"s3://{s3_env}/outage")
+    key = f"outage/{pipeline.run_prefix(cfg)}/{generation_key(1)}"
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    outage = {}
+
+    def stop_and_restart():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                client.head_object(Bucket=s3_env, Key=key)
+                break
+            except Exception:
+                time.sleep(0.05)
+        s3_server.stop()
+        outage["stopped"] = time.time()
+        time.sleep(3)
+        s3_server.start()
+        outage["restarted"] = time.time()
+
+    thread = threading.Thread(target=stop_and_restart)
+    thread.start()
+    summary = evop_pipeline(config=cfg)
+    thread.join()
+    assert outage.get("restarted"), "the outage never happened"
+    assert comparable(summary["result"]) == comparable(reference)
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(
+    prefect_api, tiny_dir, text_file, tmp_path, reference, caplog
+):
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run")
+    pipeline.segment_dataset(cfg)
+    pipeline.embed_pool(cfg)
+    pipeline.sample_calibration_set(cfg)
+    pipeline.run_generation(cfg, 2)
+    broken = tmp_path / "run" / "checkpoints" / pipeline.run_prefix(cfg) / generation_key(2)
+    broken.write_bytes(broken.read_bytes()[:-40])  # a torn write
+    with caplog.at_level("ERROR", logger="evop"):
+        summary = evop_pipeline(config=cfg)
+    assert any("gen-000002.json" in r.getMessage() and "corrupted" in r.getMessage() for r in caplog.records)
+    assert summary["generations_run_now"] == summary["result"]["generations"] - 1  # resumed after gen 1
+    assert comparable(summary["result"]) == comparable(reference)
+
+
+def test_missing_bucket_is_a_clear_error(s3_env, tiny_dir, text_file, tmp_path):
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", checkpoints="s3://evop-no-such-bucket/x")
+    with pytest.raises(StorageError, match="evop-no-such-bucket.*does not exist"):
+        pipeline.segment_dataset(cfg)
