@@ -30,7 +30,16 @@ MANIFEST = "manifest.json"
 
 
 class StorageError(RuntimeError):
-    """The checkpoint store cannot be reached or refused the request (names bucket/path)."""
+    """The checkpoint store cannot be reached or refused the request (names bucket/path).
+
+    Attributes:
+        transient: True when trying again later may succeed (an outage); False for bad input
+            that fails the same way every time (missing bucket, refused credentials, bad URI).
+    """
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient
 
 
 class CorruptCheckpointError(StorageError):
@@ -142,12 +151,18 @@ class S3Store:
         if isinstance(err, ClientError):
             code = _code(err)
             if code in ("NoSuchBucket",):
-                return StorageError(f"S3 bucket {self.bucket!r} does not exist ({action} {where})")
+                return StorageError(
+                    f"S3 bucket {self.bucket!r} does not exist ({action} {where})", transient=False
+                )
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
-                return StorageError(f"S3 refused the credentials for bucket {self.bucket!r} ({code})")
+                return StorageError(
+                    f"S3 refused the credentials for bucket {self.bucket!r} ({code})", transient=False
+                )
             return StorageError(f"S3 error {code} on {action} {where}: {err}")
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
-            return StorageError(f"no usable S3 credentials for bucket {self.bucket!r}: {err}")
+            return StorageError(
+                f"no usable S3 credentials for bucket {self.bucket!r}: {err}", transient=False
+            )
         return StorageError(f"cannot reach S3 for {action} {where}: {err}")
 
     def check(self) -> None:
@@ -161,7 +176,7 @@ class S3Store:
         except (BotoCoreError, ClientError) as err:
             # HEAD responses have no body, so a missing bucket is a bare '404' here.
             if isinstance(err, ClientError) and _code(err) in ("404", "NoSuchBucket"):
-                raise StorageError(f"S3 bucket {self.bucket!r} does not exist") from err
+                raise StorageError(f"S3 bucket {self.bucket!r} does not exist", transient=False) from err
             raise self._wrap(err, "checking", "") from err
         self._checked = True
 
@@ -196,11 +211,11 @@ def open_store(uri: str) -> ObjectStore:
     ``AWS_DEFAULT_REGION``) and the usual AWS config; credentials from the AWS chain.
     """
     if not uri:
-        raise StorageError("empty checkpoint store URI")
+        raise StorageError("empty checkpoint store URI", transient=False)
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise StorageError(f"not an S3 URI (expected s3://bucket/prefix): {uri!r}")
+            raise StorageError(f"not an S3 URI (expected s3://bucket/prefix): {uri!r}", transient=False)
         return S3Store(
             parsed.netloc,
             parsed.path,
@@ -209,12 +224,12 @@ def open_store(uri: str) -> ObjectStore:
         )
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise StorageError(f"file URI of another host {parsed.netloc!r}: {uri!r}")
+            raise StorageError(f"file URI of another host {parsed.netloc!r}: {uri!r}", transient=False)
         # Path.as_uri() percent-encodes (a space becomes %20): undo it to get the path back.
         return LocalStore(Path(unquote(parsed.path)))
     if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):  # C:\... on Windows
         return LocalStore(Path(uri))
-    raise StorageError(f"unsupported checkpoint store {uri!r} (use file:// or s3://)")
+    raise StorageError(f"unsupported checkpoint store {uri!r} (use file:// or s3://)", transient=False)
 
 
 def _digest(payload: str) -> str:

@@ -131,6 +131,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         ),
         ("generations run now", str(summary["generations_run_now"])),
     ]
+    if summary["generations_run_now"]:
+        share = summary["checkpoint_seconds_now"] / max(summary["search_seconds_now"], 1e-9)
+        rows.append(
+            (
+                "checkpointing",
+                f"{summary['checkpoint_seconds_now']:.3f} s for {summary['generations_run_now']} generations "
+                f"({100 * share:.2f}% of {summary['search_seconds_now']:.1f} s of search)",
+            )
+        )
     for text in ppl["dense"]:
         dense, pruned = ppl["dense"][text], ppl["pruned"][text]
         rows.append((f"ppl {text}", f"dense {_fmt(dense)} -> pruned {_fmt(pruned)} ({pruned / dense:.2f}x)"))

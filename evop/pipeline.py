@@ -260,17 +260,21 @@ def run_generation(cfg: EvoPConfig, generation: int) -> dict[str, Any]:
     run = Run(cfg)
     state = run.checkpoints.latest()
     search = None
+    checkpoint_seconds = 0.0
     while state is None or (state.generation < generation and not state.done):
         search = search or _search(run)
         state = search.step(state or search.initial_state())
+        start = time.perf_counter()
         url = run.checkpoints.save(state)
-        log.info("checkpointed generation %d -> %s", state.generation, url)
+        checkpoint_seconds = time.perf_counter() - start
+        log.info("checkpointed generation %d in %.3f s -> %s", state.generation, checkpoint_seconds, url)
     entry = next((h for h in state.history if h["generation"] == generation), state.history[-1])
     return {
         **entry,
         "done": state.done,
         "stop_reason": state.stop_reason,
         "total_evaluations": state.evaluations,
+        "checkpoint_seconds": checkpoint_seconds,
     }
 
 

@@ -81,9 +81,9 @@ class LocalS3Server:
 
     Args:
         root: Directory holding the buckets (created if missing); it survives :meth:`stop`.
-        port: TCP port; ``None`` picks a free one at the first :meth:`start`. Either way the port
-            stays the same across :meth:`stop` / :meth:`start`, so a client can reconnect after
-            a simulated outage.
+        port: TCP port; ``None`` (or 0) picks a free one at the first :meth:`start`. Either way
+            the port stays the same across :meth:`stop` / :meth:`start`, so a client can reconnect
+            after a simulated outage.
         access_key: Access key id the server accepts (SigV4); any other is refused.
         secret_key: Its secret key.
         rclone: Path of the rclone binary (default: :func:`find_rclone`).
@@ -105,7 +105,7 @@ class LocalS3Server:
         if "," in access_key or "," in secret_key:
             raise ValueError("access_key and secret_key must not contain ','")  # rclone's separator
         self.root = Path(root).resolve()
-        self.port = port
+        self.port = port or None  # 0 means "any free port" too
         self.access_key = access_key
         self.secret_key = secret_key
         self.rclone = Path(rclone) if rclone is not None else None

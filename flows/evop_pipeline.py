@@ -35,18 +35,26 @@ from tasks.search import finalize_search, run_generation, search_status
 
 @contextmanager
 def library_logs_in_run() -> Iterator[None]:
-    """Send the ``evop`` library's log lines to the flow run's logs in the Prefect UI."""
+    """Send the ``evop`` library's INFO log lines to the flow run's logs in the Prefect UI.
+
+    ``PREFECT_LOGGING_EXTRA_LOGGERS=evop`` (set by the deployments) attaches Prefect's API
+    handler but no level, so INFO lines would be dropped; without it there is no handler. Add
+    one only where none is attached (two would send every line twice) and set the level.
+    """
     from prefect.logging.handlers import APILogHandler
 
     lib = logging.getLogger("evop")
-    handler = APILogHandler()
-    lib.addHandler(handler)
+    added = None
+    if not any(isinstance(h, APILogHandler) for h in lib.handlers):
+        added = APILogHandler()
+        lib.addHandler(added)
     previous = lib.level
-    lib.setLevel(min(previous or logging.INFO, logging.INFO))
+    lib.setLevel(logging.INFO if previous in (logging.NOTSET, 0) or previous > logging.INFO else previous)
     try:
         yield
     finally:
-        lib.removeHandler(handler)
+        if added is not None:
+            lib.removeHandler(added)
         lib.setLevel(previous)
 
 
@@ -110,6 +118,7 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
                     "mean fitness": _fmt(entry["mean_fitness"]),
                     "evaluations": entry["evaluations"],
                     "seconds": round(entry["seconds"], 2),
+                    "checkpoint seconds": round(entry["checkpoint_seconds"], 3),
                     "best pattern": entry["best_pattern"],
                 }
             )
@@ -131,6 +140,8 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
         "checkpoints": run.url(),
         "calibration": calibration,
         "generations_run_now": len(rows),
+        "search_seconds_now": sum(r["seconds"] for r in rows),
+        "checkpoint_seconds_now": sum(r["checkpoint seconds"] for r in rows),
     }
     create_markdown_artifact(_summary_markdown(summary), key=_artifact_key(config, "summary"))
     return summary

@@ -219,3 +219,12 @@ def test_missing_bucket_is_a_clear_error(s3_env, tiny_dir, text_file, tmp_path):
     cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", checkpoints="s3://evop-no-such-bucket/x")
     with pytest.raises(StorageError, match="evop-no-such-bucket.*does not exist"):
         pipeline.segment_dataset(cfg)
+
+
+def test_bad_bucket_fails_the_flow_at_once_without_retries(prefect_api, s3_env, tiny_dir, text_file, tmp_path):
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", checkpoints="s3://evop-no-such-bucket/x")
+    start = time.perf_counter()
+    with pytest.raises(StorageError, match="does not exist"):
+        evop_pipeline(config=cfg)
+    # Bad input is not retried (the transient retries would pause 1+2+5+10 s).
+    assert time.perf_counter() - start < 15
