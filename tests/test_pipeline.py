@@ -221,10 +221,41 @@ def test_missing_bucket_is_a_clear_error(s3_env, tiny_dir, text_file, tmp_path):
         pipeline.segment_dataset(cfg)
 
 
-def test_bad_bucket_fails_the_flow_at_once_without_retries(prefect_api, s3_env, tiny_dir, text_file, tmp_path):
+def test_bad_bucket_fails_the_flow_at_once_without_retries(
+    prefect_api, s3_env, tiny_dir, text_file, tmp_path
+):
     cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", checkpoints="s3://evop-no-such-bucket/x")
     start = time.perf_counter()
     with pytest.raises(StorageError, match="does not exist"):
         evop_pipeline(config=cfg)
     # Bad input is not retried (the transient retries would pause 1+2+5+10 s).
     assert time.perf_counter() - start < 15
+
+
+def test_library_log_lines_reach_the_flow_run_logs_once(
+    prefect_api, tiny_dir, text_file, tmp_path, monkeypatch
+):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from evop.pipeline import forget_models
+
+    forget_models()  # so this run loads the model and logs it
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", generations=1)
+    state = evop_pipeline(config=cfg, return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+
+    async def messages():
+        async with get_client() as client:
+            logs = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+            return [log.message for log in logs]
+
+    time.sleep(2)  # logs are sent in batches
+    lines = asyncio.run(messages())
+    checkpointed = [m for m in lines if m.startswith("checkpointed generation 0 ")]
+    assert len(checkpointed) == 1, lines
+    assert any(m.startswith("loaded ") and "8 layers" in m for m in lines)
