@@ -35,7 +35,8 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _table(title: str, rows: list[tuple[str, Any]]) -> None:
+def _table(title: str, rows: list[tuple[str, Any]], locations: list[tuple[str, str]] = ()) -> None:
+    """A two-column summary table, then ``locations`` as plain lines (paths stay whole)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -44,7 +45,10 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     table.add_column()
     for key, value in rows:
         table.add_row(key, value if isinstance(value, str) else f"{value}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for key, path in locations:
+        console.print(f"{key}: {path}", soft_wrap=True, highlight=False)
 
 
 def _fmt(x: float | None) -> str:
@@ -143,12 +147,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     for text in ppl["dense"]:
         dense, pruned = ppl["dense"][text], ppl["pruned"][text]
         rows.append((f"ppl {text}", f"dense {_fmt(dense)} -> pruned {_fmt(pruned)} ({pruned / dense:.2f}x)"))
-    rows += [
+    locations = [
         ("checkpoints", summary["checkpoints"]),
         ("result", str(Path(cfg.output_dir) / "result.json")),
         ("pruned model", summary["pruned_model"]),
     ]
-    _table("EvoP pipeline", rows)
+    _table("EvoP pipeline", rows, locations)
     return 0
 
 
@@ -283,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    if args.command == "run":
+        # Prefect formats the console (run and task names); the flow routes `evop` lines there.
+        logging.getLogger("evop").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    else:
+        _setup_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from evop.assets import AssetError
     from evop.calibration import CalibrationDataError

@@ -107,7 +107,9 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
         )
         rows: list[dict[str, Any]] = []
         generation, done = status["generation"] + 1, status["done"]
-        if status["generation"] >= 0:
+        if done:
+            log.info("the search finished in an earlier run; reading its checkpoints")
+        elif status["generation"] >= 0:
             log.info("resuming after generation %d", status["generation"])
         while not done:
             entry = run_generation(config, generation)
