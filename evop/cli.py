@@ -234,6 +234,36 @@ def _ppl_table(rows: list[dict[str, Any]]) -> None:
         Console().print(f"  {row['model']}: {row['path']}")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Inference speed of a pruned model against its dense base (see :mod:`evop.speed`)."""
+    from evop.assets import resolve_reference
+    from evop.config import ModelConfig
+    from evop.models import load_model
+    from evop.speed import checkpoint_size, compare_speed, format_speed_table
+
+    dense, tokenizer = load_model(ModelConfig(name_or_path=args.base, device=args.device))
+    pruned, _ = load_model(ModelConfig(name_or_path=args.model, device=args.device))
+    report = compare_speed(
+        dense,
+        pruned,
+        tokenizer,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        runs=args.runs,
+    )
+    for label, ref in (("dense", args.base), ("pruned", args.model)):
+        report[label]["path"] = ref
+        local = Path(resolve_reference(ref))
+        if local.is_dir():
+            report[label]["checkpoint_bytes"] = checkpoint_size(local)
+    print(format_speed_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -282,6 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the rows as JSON here")
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("bench", help="inference speed (prefill, decode tokens/s) of pruned vs dense")
+    p.add_argument("model", help="pruned model directory or hub id")
+    p.add_argument("--base", required=True, help="dense model to compare against")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy decode steps with the KV cache")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per model (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per model first")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the full report as JSON here")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

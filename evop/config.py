@@ -159,6 +159,26 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
 
 
+class RegistryConfig(_Section):
+    """Where the run is tracked and the pruned model registered (MLflow)."""
+
+    enabled: bool = Field(True, description="Log the run to MLflow and register the pruned model.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (sqlite:///..., http://host:5000, ...). None: "
+        "$MLFLOW_TRACKING_URI if set, else sqlite:///<output_dir>/mlflow.db.",
+    )
+    experiment: str = Field("evop", description="MLflow experiment the runs are logged to.")
+    registered_model: str = Field(
+        "evop-pruned", description="Registered model name; each pipeline run adds a version."
+    )
+    artifact_location: str | None = Field(
+        None,
+        description="Artifact root of a newly created experiment, e.g. s3://bucket/prefix (S3-compatible "
+        "servers: set MLFLOW_S3_ENDPOINT_URL). None: the tracking server's default.",
+    )
+
+
 class EvoPConfig(_Section):
     """A whole EvoP run: model, calibration, search, fitness and output."""
 
@@ -167,6 +187,7 @@ class EvoPConfig(_Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     fitness: FitnessConfig = Field(default_factory=FitnessConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     output_dir: str = Field("runs/evop", description="Where result.json and the pruned model go.")
     checkpoints: str | None = Field(
         None,
