@@ -147,11 +147,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     for text in ppl["dense"]:
         dense, pruned = ppl["dense"][text], ppl["pruned"][text]
         rows.append((f"ppl {text}", f"dense {_fmt(dense)} -> pruned {_fmt(pruned)} ({pruned / dense:.2f}x)"))
+    downstream = summary.get("downstream") or {}
+    for task, scores in (downstream.get("dense") or {}).items():
+        if isinstance(scores, dict):
+            metric = "acc_norm" if scores.get("acc_norm") is not None else "acc"
+            pruned_scores = downstream["pruned"][task]
+            rows.append(
+                (
+                    f"{task} {metric}",
+                    f"dense {_fmt(scores.get(metric))} -> pruned {_fmt(pruned_scores.get(metric))}",
+                )
+            )
+    speed = summary.get("speed")
+    if speed:
+        r = speed["ratios"]
+        rows.append(
+            (
+                "speed-up (pruned/dense)",
+                f"prefill {_fmt(r.get('prefill_speedup'))}x, decode {_fmt(r.get('decode_speedup'))}x "
+                f"(ideal {_fmt(speed['ideal']['compute'])}x, params {_fmt(r.get('params'))}x)",
+            )
+        )
+    mlflow = summary.get("mlflow")
+    if mlflow:
+        rows.append(("MLflow model", f"{mlflow['model_name']} version {mlflow['model_version']}"))
     locations = [
         ("checkpoints", summary["checkpoints"]),
         ("result", str(Path(cfg.output_dir) / "result.json")),
         ("pruned model", summary["pruned_model"]),
     ]
+    if mlflow:
+        locations.append(("MLflow UI", mlflow["ui_command"]))
     _table("EvoP pipeline", rows, locations)
     return 0
 

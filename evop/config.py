@@ -157,6 +157,24 @@ class EvaluationConfig(_Section):
     block_len: int = Field(256, ge=8, description="Tokens per held-out window (non-overlapping).")
     max_blocks: int | None = Field(16, ge=1, description="Held-out windows per source (None: all).")
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["evop_lastword", "evop_continuation"],
+        description="lm-eval tasks for dense and pruned: the offline tasks built from task_source "
+        "(evop_lastword, evop_continuation), tasks in include_path, or standard names (arc_easy, "
+        "hellaswag, ...) where their data is reachable. Empty: skip lm-eval.",
+    )
+    task_source: str = Field(
+        "evop-assets:news", description="Held-out .jsonl text the offline tasks are built from."
+    )
+    task_examples: int = Field(200, ge=1, description="Examples per offline task.")
+    include_path: str | None = Field(None, description="Directory of extra lm-eval task YAMLs.")
+    num_fewshot: int = Field(0, ge=0, description="lm-eval few-shot examples.")
+    limit: int | None = Field(None, ge=1, description="lm-eval examples per task (None: all).")
+    lm_eval_batch_size: int = Field(16, ge=1, description="lm-eval batch size.")
+    speed: bool = Field(True, description="Measure dense vs pruned prefill/decode speed.")
+    speed_runs: int = Field(3, ge=1, description="Timed runs per model (after one warm-up).")
+    prompt_len: int = Field(128, ge=1, description="Prompt tokens of the speed benchmark.")
+    new_tokens: int = Field(32, ge=1, description="Generated tokens of the speed benchmark.")
 
 
 class RegistryConfig(_Section):

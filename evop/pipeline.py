@@ -326,16 +326,13 @@ def evaluate_perplexity(cfg: EvoPConfig, pruned_dir: str) -> dict[str, dict[str,
     Returns:
         ``{"dense": {set: ppl}, "pruned": {set: ppl}}``.
     """
-    import hashlib
-
     from evop.evaluation import perplexities, text_blocks
-    from evop.models import load_model
 
     run = Run(cfg)
     e = cfg.evaluation
-    pattern = json.loads((Path(pruned_dir) / "evop_pattern.json").read_text())["pattern"]
-    tag = hashlib.sha256(f"{pattern}|{e.model_dump_json()}".encode()).hexdigest()[:12]
-    name = f"evaluation/perplexity-{tag}.json"
+    name = _evaluation_name(
+        "perplexity", pruned_dir, e.model_dump_json(include={"heldout", "block_len", "max_blocks"})
+    )
     saved = run.get_json(name)
     if saved is not None:
         return saved
@@ -344,10 +341,160 @@ def evaluate_perplexity(cfg: EvoPConfig, pruned_dir: str) -> dict[str, dict[str,
     for source in e.heldout:
         sets[source.removeprefix("evop-assets:")] = text_blocks(source, tokenizer, e.block_len, e.max_blocks)
     start = time.perf_counter()
-    dense = perplexities(dense_model, sets, e.batch_size)
-    pruned_model, _ = load_model(cfg.model.model_copy(update={"name_or_path": pruned_dir, "gguf_file": None}))
-    pruned = perplexities(pruned_model, sets, e.batch_size)
-    log.info("evaluated dense and pruned in %.1f s", time.perf_counter() - start)
-    scores = {"dense": dense, "pruned": pruned}
+    scores = {
+        "dense": perplexities(dense_model, sets, e.batch_size),
+        "pruned": perplexities(_pruned_model(cfg, pruned_dir)[0], sets, e.batch_size),
+    }
+    log.info("perplexity of dense and pruned in %.1f s", time.perf_counter() - start)
     run.put_json(name, scores)
     return scores
+
+
+def _pruned_model(cfg: EvoPConfig, pruned_dir: str) -> tuple[Any, Any]:
+    """The pruned checkpoint, loaded once per process like the dense model."""
+    pruned_cfg = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"name_or_path": pruned_dir, "gguf_file": None})}
+    )
+    return cached_model(pruned_cfg)
+
+
+def _evaluation_name(kind: str, pruned_dir: str, settings: str) -> str:
+    """Store key of an evaluation of one pruned pattern under given settings."""
+    import hashlib
+
+    pattern = json.loads((Path(pruned_dir) / "evop_pattern.json").read_text())["pattern"]
+    tag = hashlib.sha256(f"{pattern}|{settings}".encode()).hexdigest()[:12]
+    return f"evaluation/{kind}-{tag}.json"
+
+
+def task_directory(cfg: EvoPConfig, tokenizer: Any) -> Path | None:
+    """A directory with every lm-eval task YAML the run needs: the offline tasks built from
+    ``evaluation.task_source`` (when asked for) plus a link to ``evaluation.include_path``."""
+    from evop.assets import resolve_reference
+    from evop.downstream import OFFLINE_TASKS, build_offline_tasks
+
+    e = cfg.evaluation
+    root = Path(cfg.output_dir) / "lm-eval-tasks"
+    if any(t in OFFLINE_TASKS for t in e.tasks):
+        build_offline_tasks(
+            root / "evop-offline", resolve_reference(e.task_source), e.task_examples, 0, tokenizer
+        )
+    if e.include_path:
+        root.mkdir(parents=True, exist_ok=True)
+        link = root / "user-tasks"
+        if not link.exists():
+            link.symlink_to(Path(e.include_path).resolve(), target_is_directory=True)
+    return root if root.exists() else None
+
+
+def score_downstream(cfg: EvoPConfig, pruned_dir: str) -> dict[str, Any] | None:
+    """lm-eval accuracies of the dense and the pruned model (None when no tasks are configured).
+
+    Returns:
+        ``{"dense": {task: {...}, "mean_acc": x}, "pruned": {...}}``.
+    """
+    from evop.downstream import evaluate_tasks
+
+    e = cfg.evaluation
+    if not e.tasks:
+        return None
+    run = Run(cfg)
+    settings = e.model_dump_json(
+        include={"tasks", "task_source", "task_examples", "include_path", "num_fewshot", "limit"}
+    )
+    name = _evaluation_name("downstream", pruned_dir, settings)
+    saved = run.get_json(name)
+    if saved is not None:
+        return saved
+    dense_model, tokenizer = cached_model(cfg)
+    include = task_directory(cfg, tokenizer)
+    scores = {}
+    for label, model in (("dense", dense_model), ("pruned", _pruned_model(cfg, pruned_dir)[0])):
+        start = time.perf_counter()
+        scores[label] = evaluate_tasks(
+            model, tokenizer, e.tasks, include, e.num_fewshot, e.limit, e.lm_eval_batch_size
+        )
+        log.info("lm-eval on the %s model: mean acc %s (%.1f s)", label, scores[label].get("mean_acc"),
+                 time.perf_counter() - start)  # fmt: skip
+    run.put_json(name, scores)
+    return scores
+
+
+def measure_speed(cfg: EvoPConfig, pruned_dir: str) -> dict[str, Any] | None:
+    """Dense vs pruned inference speed, side by side on the same prompts (None when disabled)."""
+    from evop.assets import resolve_reference
+    from evop.speed import checkpoint_size, compare_speed
+
+    e = cfg.evaluation
+    if not e.speed:
+        return None
+    dense_model, tokenizer = cached_model(cfg)
+    report = compare_speed(
+        dense_model, _pruned_model(cfg, pruned_dir)[0], tokenizer,
+        prompt_len=e.prompt_len, new_tokens=e.new_tokens, runs=e.speed_runs,
+    )  # fmt: skip
+    dense_dir = Path(resolve_reference(cfg.model.name_or_path))
+    report["checkpoint_bytes"] = {
+        "dense": checkpoint_size(dense_dir) if dense_dir.is_dir() else None,
+        "pruned": checkpoint_size(pruned_dir),
+    }
+    # Timings are measurements of this machine now: stored for the record, never reused.
+    run = Run(cfg)
+    run.put_json(_evaluation_name("speed", pruned_dir, str(time.time())), report)
+    return report
+
+
+def final_metrics(
+    perplexity: dict[str, dict[str, float]],
+    downstream: dict[str, Any] | None,
+    speed: dict[str, Any] | None,
+) -> dict[str, float]:
+    """Flat ``name -> value`` metrics of a finished run (what MLflow logs and the demo prints)."""
+    out: dict[str, float] = {}
+    for label, sets in perplexity.items():
+        for text, value in sets.items():
+            out[f"{label}_ppl_{Path(text).stem if '/' in text else text}"] = value
+    for label, scores in (downstream or {}).items():
+        for task, value in scores.items():
+            if isinstance(value, dict):
+                for metric in ("acc", "acc_norm"):
+                    if value.get(metric) is not None:
+                        out[f"{label}_{task}_{metric}"] = value[metric]
+            elif value is not None:
+                out[f"{label}_{task}"] = value
+    if speed:
+        for name, value in speed["ratios"].items():
+            if value is not None:
+                out[f"speed_{name}"] = value
+        out["speed_ideal"] = speed["ideal"]["compute"]
+        if speed.get("measured_vs_ideal") is not None:
+            out["speed_measured_vs_ideal"] = speed["measured_vs_ideal"]
+        out["dense_params"] = speed["dense"]["params"]
+        out["pruned_params"] = speed["pruned"]["params"]
+    return out
+
+
+def register_model(
+    cfg: EvoPConfig,
+    result: dict[str, Any],
+    pruned_dir: str,
+    metrics: dict[str, float],
+    flow_run_id: str | None,
+) -> dict[str, Any] | None:
+    """Log the run to MLflow and register the pruned model (None when the registry is disabled).
+
+    The pruned checkpoint and ``result.json`` are only read: when registration fails they stay,
+    and a re-run retries only this step.
+    """
+    from evop.registry import FLOW_RUN_TAG, log_and_register
+
+    if not cfg.registry.enabled:
+        return None
+    run = Run(cfg)
+    state = run.checkpoints.latest()
+    tags = {FLOW_RUN_TAG: flow_run_id} if flow_run_id else {}
+    return log_and_register(
+        cfg, result, pruned_dir, metrics,
+        artifacts=[str(Path(cfg.output_dir) / "result.json")],
+        tags=tags, final_population=state.population if state else None,
+    )  # fmt: skip

@@ -16,10 +16,12 @@ MLflow 3 notes that shaped this module:
   (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``); the first request here is a probe with few retries and a
   short timeout, so a wrong URI fails in seconds with a :class:`RegistryError`.
 
-Idempotency: the run is tagged ``evop.run_key`` = hash of the whole config (plus the Prefect
-flow-run id when the caller passes one in ``tags``). A call whose key matches a FINISHED run
-returns that run and its model version instead of logging (and registering) a second time. A run
-that crashed half-way is marked FAILED and a retry starts a new run.
+Idempotency: the run is tagged ``evop.run_key`` = hash of the whole config. The pipeline is
+deterministic and resumable, so every flow run of one config (a retry, a re-run, a second
+``make demo``) is the same pipeline run continued: a call whose key matches a FINISHED run returns
+that run and its model version instead of logging (and registering) a second time. The Prefect
+flow-run id is only a tag. A run that crashed half-way is marked FAILED and a retry starts a new
+run.
 """
 
 from __future__ import annotations
@@ -105,11 +107,10 @@ def _default_artifact_location(uri: str) -> str | None:
     return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
 
 
-def run_key(cfg: EvoPConfig, flow_run_id: str | None = None) -> str:
-    """Identity of one pipeline run: hash of the whole config, plus the Prefect flow-run id if any."""
+def run_key(cfg: EvoPConfig) -> str:
+    """Identity of one pipeline run: the hash of its whole config."""
     blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
-    key = hashlib.sha256(blob).hexdigest()[:16]
-    return f"{key}/{flow_run_id}" if flow_run_id else key
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -343,7 +344,7 @@ def log_and_register(
         db.parent.mkdir(parents=True, exist_ok=True)
     client = _connect(uri)
     flow_run_id = tags.get(FLOW_RUN_TAG)
-    key = run_key(cfg, flow_run_id)
+    key = run_key(cfg)
     answer = {"model_name": reg.registered_model, "tracking_uri": uri}
     answer["ui_command"] = f"mlflow ui --backend-store-uri {uri}"
 

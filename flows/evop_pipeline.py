@@ -24,12 +24,14 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.context import get_run_context
 
 from evop.config import EvoPConfig
-from evop.pipeline import Run
+from evop.pipeline import Run, final_metrics
 from tasks.calibration import embed_pool, sample_calibration_set, segment_dataset
-from tasks.evaluation import evaluate_perplexity
+from tasks.evaluation import evaluate_perplexity, measure_speed, score_downstream
 from tasks.pruning import prune_model
+from tasks.registry import register_model
 from tasks.search import finalize_search, run_generation, search_status
 
 
@@ -134,11 +136,20 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
         result = finalize_search(config)
         pruned_dir = prune_model(config, result)
         perplexity = evaluate_perplexity(config, pruned_dir)
+        downstream = score_downstream(config, pruned_dir)
+        speed = measure_speed(config, pruned_dir)
 
+    metrics = final_metrics(perplexity, downstream, speed)
+    flow_run = get_run_context().flow_run
+    registered = register_model(config, result, pruned_dir, metrics, str(flow_run.id) if flow_run else None)
     summary = {
         "result": result,
         "pruned_model": pruned_dir,
         "perplexity": perplexity,
+        "downstream": downstream,
+        "speed": speed,
+        "metrics": metrics,
+        "mlflow": registered,
         "checkpoints": run.url(),
         "calibration": calibration,
         "generations_run_now": len(rows),
@@ -158,11 +169,31 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
         f"sparsity {r['sparsity']:.2f}), found with {r['evaluations']} evaluations in "
         f"{r['generations']} generations ({r['stop_reason']}).",
         "",
-        "| text | dense ppl | pruned ppl |",
+        "| measure | dense | pruned |",
         "| --- | --- | --- |",
-        *[f"| {k} | {_fmt(ppl['dense'][k])} | {_fmt(ppl['pruned'][k])} |" for k in ppl["dense"]],
-        "",
-        f"- checkpoints: [{summary['checkpoints']}]({summary['checkpoints']})",
-        f"- pruned model: `{summary['pruned_model']}`",
+        *[f"| ppl {k} | {_fmt(ppl['dense'][k])} | {_fmt(ppl['pruned'][k])} |" for k in ppl["dense"]],
     ]
+    downstream = summary.get("downstream") or {}
+    for task, scores in (downstream.get("dense") or {}).items():
+        if isinstance(scores, dict):
+            metric = "acc_norm" if scores.get("acc_norm") is not None else "acc"
+            lines.append(
+                f"| {task} {metric} | {_fmt(scores.get(metric))} | "
+                f"{_fmt(downstream['pruned'][task].get(metric))} |"
+            )
+    speed = summary.get("speed")
+    if speed:
+        ratios = speed["ratios"]
+        lines += [
+            "",
+            f"Speed-up (pruned vs dense): prefill {_fmt(ratios.get('prefill_speedup'))}x, decode "
+            f"{_fmt(ratios.get('decode_speedup'))}x; ideal {_fmt(speed['ideal']['compute'])}x.",
+        ]
+    lines += ["", f"- checkpoints: [{summary['checkpoints']}]({summary['checkpoints']})",
+              f"- pruned model: `{summary['pruned_model']}`"]  # fmt: skip
+    if summary.get("mlflow"):
+        m = summary["mlflow"]
+        lines.append(
+            f"- MLflow: model `{m['model_name']}` version {m['model_version']} (`{m['ui_command']}`)"
+        )
     return "\n".join(lines)

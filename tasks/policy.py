@@ -26,6 +26,7 @@ def worth_retrying(task, task_run, state) -> bool:
     from evop.calibration import CalibrationDataError
     from evop.config import ConfigError
     from evop.models import ModelLoadError, UnsupportedModelError
+    from evop.registry import RegistryError
 
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
@@ -33,7 +34,15 @@ def worth_retrying(task, task_run, state) -> bool:
             exc = state.result(raise_on_failure=False)
         except Exception as err:  # noqa: BLE001 (whatever it is, it decides the retry)
             exc = err
-    permanent = (ConfigError, CalibrationDataError, ModelLoadError, UnsupportedModelError, AssetError)
+    # An unreachable MLflow server is not back within the retry pauses; a re-run retries it.
+    permanent = (
+        ConfigError,
+        CalibrationDataError,
+        ModelLoadError,
+        UnsupportedModelError,
+        AssetError,
+        RegistryError,
+    )
     return not isinstance(exc, permanent) and getattr(exc, "transient", True)
 
 

@@ -37,7 +37,7 @@ def text_file(tmp_path_factory):
     return write_docs(tmp_path_factory.mktemp("text") / "docs.jsonl")
 
 
-def make_cfg(tiny_dir, text_file, out, checkpoints=None, **search):
+def make_cfg(tiny_dir, text_file, out, checkpoints=None, evaluation=None, registry=None, **search):
     return build_config(
         {
             "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
@@ -47,7 +47,10 @@ def make_cfg(tiny_dir, text_file, out, checkpoints=None, **search):
             },
             "search": {"num_remove": 3, "population": 8, "generations": 5, "patience": 10, **search},
             "fitness": {"batch_size": 4},
-            "evaluation": {"heldout": [str(text_file)], "block_len": 32, "max_blocks": 4},
+            # lm-eval, speed and MLflow have their own tests; here one test runs them in the flow.
+            "evaluation": {"heldout": [str(text_file)], "block_len": 32, "max_blocks": 4, "tasks": [],
+                           "speed": False, **(evaluation or {})},
+            "registry": {"enabled": False, **(registry or {})},
             "output_dir": str(out),
             "checkpoints": checkpoints,
         }
@@ -259,3 +262,81 @@ def test_library_log_lines_reach_the_flow_run_logs_once(
     checkpointed = [m for m in lines if m.startswith("checkpointed generation 0 ")]
     assert len(checkpointed) == 1, lines
     assert any(m.startswith("loaded ") and "8 layers" in m for m in lines)
+
+
+@pytest.fixture(scope="module")
+def sentences_file(tmp_path_factory):
+    """Text with sentences (the offline lm-eval tasks are built from sentences)."""
+    import random
+
+    from tests.tiny_models import WORDS
+
+    rng = random.Random(1)
+    docs = [
+        " ".join(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))).capitalize() + "."
+            for _ in range(8)
+        )
+        for _ in range(30)
+    ]
+    path = tmp_path_factory.mktemp("sentences") / "sentences.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def test_flow_scores_lm_eval_speed_and_registers_in_mlflow(
+    prefect_api, tiny_dir, text_file, sentences_file, tmp_path
+):
+    from evop.fitness import perplexity
+    from evop.registry import load_registered_model
+    from tests.tiny_models import random_blocks
+
+    evaluation = {
+        "tasks": ["evop_lastword", "evop_continuation"], "task_source": str(sentences_file),
+        "task_examples": 8, "limit": 8, "speed": True, "speed_runs": 1, "prompt_len": 16, "new_tokens": 4,
+    }  # fmt: skip
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", evaluation=evaluation, registry={"enabled": True},
+                   generations=1)  # fmt: skip
+    summary = evop_pipeline(config=cfg)
+    for label in ("dense", "pruned"):
+        for task in ("evop_lastword", "evop_continuation"):
+            assert 0 <= summary["downstream"][label][task]["acc"] <= 1
+    assert summary["speed"]["ideal"]["compute"] == pytest.approx(8 / 5)
+    assert summary["speed"]["ratios"]["decode_speedup"] > 0
+    assert summary["metrics"]["pruned_params"] < summary["metrics"]["dense_params"]
+    mlflow_info = summary["mlflow"]
+    assert mlflow_info["model_name"] == "evop-pruned" and str(mlflow_info["model_version"]) == "1"
+    assert "mlflow ui --backend-store-uri sqlite:///" in mlflow_info["ui_command"]
+
+    model, _ = load_registered_model("evop-pruned", mlflow_info["model_version"], mlflow_info["tracking_uri"])
+    pruned = AutoModelForCausalLM.from_pretrained(summary["pruned_model"])
+    blocks = random_blocks()
+    assert perplexity(model, blocks) == pytest.approx(perplexity(pruned, blocks), rel=1e-6)
+
+    again = evop_pipeline(config=cfg)  # everything is found done: no second MLflow run or version
+    assert again["mlflow"]["run_id"] == mlflow_info["run_id"] and again["mlflow"]["reused"]
+
+
+def test_failed_registration_keeps_results_and_a_rerun_retries_only_it(
+    prefect_api, tiny_dir, text_file, tmp_path
+):
+    from evop.registry import RegistryError
+
+    out = tmp_path / "run"
+    bad = make_cfg(
+        tiny_dir,
+        text_file,
+        out,
+        generations=1,
+        registry={"enabled": True, "tracking_uri": "http://127.0.0.1:1"},
+    )
+    start = time.perf_counter()
+    with pytest.raises(RegistryError, match="127.0.0.1:1"):
+        evop_pipeline(config=bad)
+    assert time.perf_counter() - start < 120  # not retried for minutes
+    assert (out / "result.json").is_file() and (out / "pruned-model" / "config.json").is_file()
+
+    good = make_cfg(tiny_dir, text_file, out, generations=1, registry={"enabled": True})
+    summary = evop_pipeline(config=good)
+    assert summary["generations_run_now"] == 0  # the search was not redone
+    assert str(summary["mlflow"]["model_version"]) == "1"

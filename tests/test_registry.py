@@ -27,6 +27,7 @@ from evop.registry import (  # noqa: E402
     flatten_params,
     load_registered_model,
     log_and_register,
+    run_key,
 )
 from evop.search import GeneticSearch  # noqa: E402
 
@@ -141,7 +142,8 @@ def test_round_trip_on_sqlite(tmp_path, pruned, monkeypatch):
     assert run.data.params["search.num_remove"] == "2"
     assert run.data.params["search.protected_layers"] == "[0, -1]"
     assert run.data.params["registry.registered_model"] == "evop-pruned"
-    assert run.data.tags["team"] == "evop" and run.data.tags[RUN_KEY_TAG].endswith("/flow-123")
+    assert run.data.tags["team"] == "evop" and run.data.tags[RUN_KEY_TAG] == run_key(cfg)
+    assert run.data.tags[FLOW_RUN_TAG] == "flow-123"
     # Final metrics; a non-finite one is left out rather than failing the run.
     assert run.data.metrics["pruned_ppl.calibration"] == 31.5
     assert run.data.metrics["fitness"] == result["fitness"]
@@ -176,9 +178,14 @@ def test_round_trip_on_sqlite(tmp_path, pruned, monkeypatch):
     again = log_and_register(cfg, result, str(pruned_dir), {}, tags={FLOW_RUN_TAG: "flow-123"})
     assert again["reused"] and again["run_id"] == info["run_id"] and again["model_version"] == "1"
     assert len(client.search_runs([info["experiment_id"]])) == 1
-    # Another flow run of the same config is another pipeline run: a new run and version 2.
+    # Another flow run of the same config continues the same pipeline run: nothing new is logged.
     other = log_and_register(cfg, result, str(pruned_dir), {}, tags={FLOW_RUN_TAG: "flow-456"})
-    assert other["run_id"] != info["run_id"] and other["model_version"] == "2"
+    assert other["run_id"] == info["run_id"] and other["model_version"] == info["model_version"]
+    assert other["reused"]
+    # A different config is a different pipeline run: a new run and version 2.
+    changed = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"max_blocks": 3})})
+    third = log_and_register(changed, result, str(pruned_dir), {})
+    assert third["run_id"] != info["run_id"] and third["model_version"] == "2"
     assert _snapshot(pruned_dir) == before
 
 
