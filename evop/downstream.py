@@ -40,6 +40,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evop.environment import temporary_env
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -274,16 +276,8 @@ def offline_hf_env() -> Iterator[None]:
     """
     with tempfile.TemporaryDirectory(prefix="evop-hf-") as home:
         wanted = {**_OFFLINE_ENV, "HF_HOME": home, "HF_DATASETS_CACHE": str(Path(home) / "datasets")}
-        saved = {k: os.environ.get(k) for k in wanted}
-        os.environ.update(wanted)
-        try:
+        with temporary_env(**wanted):
             yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def _float(x: Any) -> float | None:

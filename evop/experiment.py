@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from evop.config import EvoPConfig
+from evop.fitness import finite_or_none
 from evop.patterns import Pattern
 from evop.search import SearchState
 
@@ -27,10 +28,6 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
-
-
-def _finite_or_none(x: float) -> float | None:
-    return x if x == x and abs(x) != float("inf") else None
 
 
 def build_result(
@@ -52,8 +49,8 @@ def build_result(
         "pattern": str(best),
         "sparsity": best.sparsity,
         "fitness_metric": cfg.fitness.metric,
-        "fitness": _finite_or_none(state.best_fitness),
-        "dense_fitness": _finite_or_none(dense_fitness),
+        "fitness": finite_or_none(state.best_fitness),
+        "dense_fitness": finite_or_none(dense_fitness),
         "evaluations": state.evaluations,
         "generations": state.generation,
         "stop_reason": state.stop_reason,

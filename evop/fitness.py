@@ -58,6 +58,16 @@ def perplexity(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) 
     return nll_to_ppl(mean_nll(model, blocks, batch_size))
 
 
+def finite_or_none(value: object) -> float | None:
+    """``value`` as a float, or None when it is no finite number (inf, nan, None, text): how
+    diverged fitness values appear in JSON results, metrics and plots."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
 def nll_to_ppl(nll: float) -> float:
     """``exp(nll)``, with nan/overflow mapped to ``inf`` so a diverged model ranks last."""
     if not math.isfinite(nll):

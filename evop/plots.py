@@ -6,11 +6,11 @@ this module costs nothing and plotting works on machines without a display.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from evop.fitness import finite_or_none
 from evop.patterns import Pattern
 
 
@@ -21,15 +21,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _finite(value: Any) -> float | None:
-    """``value`` as a positive-or-zero plottable float, or ``None`` for inf/NaN/None/strings."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def fitness_curve(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
@@ -51,7 +42,7 @@ def fitness_curve(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
         for key, label, style in (("best_fitness", "best", "o-"), ("mean_fitness", "mean", "s--")):
-            points = [(h["generation"], _finite(h.get(key))) for h in history]
+            points = [(h["generation"], finite_or_none(h.get(key))) for h in history]
             points = [(g, v) for g, v in points if v is not None and v > 0]
             if points:
                 xs, ys = zip(*points, strict=True)

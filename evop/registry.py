@@ -29,17 +29,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from evop.config import EvoPConfig
+from evop.environment import temporary_env
+from evop.fitness import finite_or_none
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -134,39 +134,16 @@ def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _describe(uri: str) -> str:
     scheme = urlparse(uri).scheme
     return f"MLflow tracking server {uri}" if scheme in ("http", "https") else f"MLflow tracking store {uri}"
-
-
-@contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of the block (MLflow reads them per request)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _connect(uri: str) -> "MlflowClient":
     """A client for ``uri`` after one quick request, so a dead server fails in seconds."""
     from mlflow.tracking import MlflowClient
 
-    with _env(
+    with temporary_env(
         MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(PROBE_RETRIES),
         MLFLOW_HTTP_REQUEST_TIMEOUT=str(PROBE_TIMEOUT_S),
         MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
@@ -246,7 +223,7 @@ def _run_metrics(result: Mapping[str, Any], metrics: Mapping[str, float], now_ms
     out = []
     for h in result.get("history", []):
         for name in ("best_fitness", "mean_fitness", "evaluations"):
-            value = _finite(h.get(name))
+            value = finite_or_none(h.get(name))
             if value is not None:
                 out.append(Metric(name, value, now_ms, int(h["generation"])))
     final = {
@@ -258,7 +235,7 @@ def _run_metrics(result: Mapping[str, Any], metrics: Mapping[str, float], now_ms
         **metrics,
     }
     for name, value in final.items():
-        value = _finite(value)
+        value = finite_or_none(value)
         if value is not None:
             out.append(Metric(name, value, now_ms, 0))
         else:
