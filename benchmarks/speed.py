@@ -41,12 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from evop.assets import resolve_reference
     from evop.config import ModelConfig
     from evop.models import load_model
     from evop.patterns import Pattern
     from evop.pruning import prune_layers
-    from evop.speed import checkpoint_size, compare_speed, format_speed_table
+    from evop.speed import add_checkpoint_sizes, compare_speed, format_speed_table
 
     def load(ref: str):
         return load_model(ModelConfig(name_or_path=ref, device=args.device, dtype=args.dtype))
@@ -66,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         runs=args.runs,
     )
-    for label, ref in (("dense", args.model), ("pruned", args.pruned)):
-        local = Path(resolve_reference(ref)) if ref else None
-        if local is not None and local.is_dir():
-            report[label]["checkpoint_bytes"] = checkpoint_size(local)
+    add_checkpoint_sizes(report, args.model, args.pruned)
     report["pattern"] = args.pattern
     print(format_speed_table(report))
     if args.json:

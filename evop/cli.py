@@ -262,10 +262,9 @@ def _ppl_table(rows: list[dict[str, Any]]) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Inference speed of a pruned model against its dense base (see :mod:`evop.speed`)."""
-    from evop.assets import resolve_reference
     from evop.config import ModelConfig
     from evop.models import load_model
-    from evop.speed import checkpoint_size, compare_speed, format_speed_table
+    from evop.speed import add_checkpoint_sizes, compare_speed, format_speed_table
 
     dense, tokenizer = load_model(ModelConfig(name_or_path=args.base, device=args.device))
     pruned, _ = load_model(ModelConfig(name_or_path=args.model, device=args.device))
@@ -281,9 +280,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     for label, ref in (("dense", args.base), ("pruned", args.model)):
         report[label]["path"] = ref
-        local = Path(resolve_reference(ref))
-        if local.is_dir():
-            report[label]["checkpoint_bytes"] = checkpoint_size(local)
+    add_checkpoint_sizes(report, args.base, args.model)
     print(format_speed_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

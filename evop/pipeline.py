@@ -422,8 +422,7 @@ def score_downstream(cfg: EvoPConfig, pruned_dir: str) -> dict[str, Any] | None:
 
 def measure_speed(cfg: EvoPConfig, pruned_dir: str) -> dict[str, Any] | None:
     """Dense vs pruned inference speed, side by side on the same prompts (None when disabled)."""
-    from evop.assets import resolve_reference
-    from evop.speed import checkpoint_size, compare_speed
+    from evop.speed import add_checkpoint_sizes, compare_speed
 
     e = cfg.evaluation
     if not e.speed:
@@ -433,11 +432,7 @@ def measure_speed(cfg: EvoPConfig, pruned_dir: str) -> dict[str, Any] | None:
         dense_model, _pruned_model(cfg, pruned_dir)[0], tokenizer,
         prompt_len=e.prompt_len, new_tokens=e.new_tokens, runs=e.speed_runs,
     )  # fmt: skip
-    dense_dir = Path(resolve_reference(cfg.model.name_or_path))
-    report["checkpoint_bytes"] = {
-        "dense": checkpoint_size(dense_dir) if dense_dir.is_dir() else None,
-        "pruned": checkpoint_size(pruned_dir),
-    }
+    add_checkpoint_sizes(report, cfg.model.name_or_path, pruned_dir)
     # Timings are measurements of this machine now: stored for the record, never reused.
     run = Run(cfg)
     run.put_json(_evaluation_name("speed", pruned_dir, str(time.time())), report)

@@ -166,6 +166,17 @@ def checkpoint_size(path: str | Path) -> int:
 # --------------------------------------------------------------------------------------------- timing
 
 
+def add_checkpoint_sizes(report: dict[str, Any], dense_ref: str | None, pruned_ref: str | None) -> None:
+    """Record ``checkpoint_bytes`` of each model in ``report`` whose reference is a local directory
+    (hub ids and ``evop-assets:`` names are resolved first; others are left out)."""
+    from evop.assets import resolve_reference
+
+    for label, ref in (("dense", dense_ref), ("pruned", pruned_ref)):
+        local = Path(resolve_reference(ref)) if ref else None
+        if local is not None and local.is_dir():
+            report[label]["checkpoint_bytes"] = checkpoint_size(local)
+
+
 def _sync(device: "torch.device") -> None:
     import torch
 

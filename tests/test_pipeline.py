@@ -303,6 +303,7 @@ def test_flow_scores_lm_eval_speed_and_registers_in_mlflow(
             assert 0 <= summary["downstream"][label][task]["acc"] <= 1
     assert summary["speed"]["ideal"]["compute"] == pytest.approx(8 / 5)
     assert summary["speed"]["ratios"]["decode_speedup"] > 0
+    assert 0 < summary["speed"]["pruned"]["checkpoint_bytes"] < summary["speed"]["dense"]["checkpoint_bytes"]
     assert summary["metrics"]["pruned_params"] < summary["metrics"]["dense_params"]
     mlflow_info = summary["mlflow"]
     assert mlflow_info["model_name"] == "evop-pruned" and str(mlflow_info["model_version"]) == "1"
