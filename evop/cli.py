@@ -22,6 +22,8 @@ examples:
   evop search --config my.yaml search.sparsity=0.3 model.name_or_path=meta-llama/Llama-3.1-8B
   evop prune --result runs/demo/result.json     # write the pruned checkpoint
   evop ppl runs/demo/pruned-model --base evop-assets:smollm2 --text evop-assets:news
+  evop search --config configs/demo.yaml search.method=sleb   # a baseline instead of EvoP's GA
+  evop compare --config configs/compare-demo.yaml   # EvoP vs SLEB, ShortGPT, ... plus ablations
 """
 
 
@@ -287,6 +289,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Search methods side by side (see :mod:`evop.compare`): markdown table plus JSON."""
+    from evop.compare import TABLE_FILE, CompareSpec, Comparison
+
+    cfg = _load_cfg(args)
+    spec = CompareSpec(
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        sparsities=_floats(args.sparsities),
+        ablation_seeds=_ints(args.ablation_seeds),
+        optimum_k=args.optimum_k or None,
+        optimum_seeds=_ints(args.optimum_seeds),
+        lm_eval=args.lm_eval,
+    )
+    out = Path(args.out or Path(cfg.output_dir) / "compare")
+    Comparison(cfg, spec, out).run()
+    print((out / TABLE_FILE).read_text())
+    print(f"JSON: {out / 'compare.json'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -347,6 +377,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the full report as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    from evop.compare import MAIN_METHODS
+
+    p = sub.add_parser(
+        "compare", help="EvoP vs the baselines (SLEB, ShortGPT, ...) side by side, plus ablations"
+    )
+    p.add_argument("--config", help="YAML config file: model, calibration, search and held-out settings")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--methods", default=",".join(MAIN_METHODS), help="comma-separated search methods")
+    p.add_argument("--sparsities", default="0.2,0.3", help="comma-separated sparsities of the main table")
+    p.add_argument("--ablation-seeds", default="0,1,2", help="seeds of CCDS vs random sampling ('' skips it)")
+    p.add_argument("--optimum-k", type=int, default=2, help="k of the exhaustive optimum check (0 skips it)")
+    p.add_argument("--optimum-seeds", default="0,1,2,3,4", help="EvoP seeds of the optimum check")
+    p.add_argument("--lm-eval", action="store_true", help="also score every pattern on evaluation.tasks")
+    p.add_argument("--out", help="output directory (default: <output_dir>/compare); re-runs resume")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

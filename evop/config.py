@@ -84,8 +84,18 @@ class CalibrationConfig(_Section):
         return self
 
 
+SearchMethod = Literal["evop", "sleb", "shortgpt", "ppl-oneshot", "evopress", "random", "exhaustive"]
+
+
 class SearchConfig(_Section):
-    """EPPS: the genetic search over pruning patterns."""
+    """EPPS: the genetic search over pruning patterns (or a baseline method, for comparisons)."""
+
+    method: SearchMethod = Field(
+        "evop",
+        description="'evop' (the genetic search) or a baseline: 'sleb' (greedy, re-scored each round), "
+        "'shortgpt' (Block Influence), 'ppl-oneshot' (Shortened LLaMA), 'evopress' ((1+lambda) with "
+        "staged token budgets), 'random' (best of `budget` patterns), 'exhaustive' (every pattern).",
+    )
 
     sparsity: float | None = Field(
         0.2, gt=0, lt=1, description="Fraction of decoder layers to remove (k = round(sparsity*L))."
@@ -113,6 +123,33 @@ class SearchConfig(_Section):
         50, ge=1, description="Tries per child to produce a pattern not yet seen before giving up."
     )
     seed: int = Field(0, description="Seed of the search.")
+    budget: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluations of 'random' (None: population x (generations + 1)).",
+    )
+    exhaustive_limit: int = Field(
+        10_000,
+        ge=1,
+        description="'exhaustive' refuses problems with more candidate patterns than this.",
+    )
+    evopress_generations: int | None = Field(
+        None,
+        ge=1,
+        description="Generations of 'evopress' (None: k(L-k)/1.5, the EvoPress paper's rule).",
+    )
+    evopress_offspring: int = Field(16, ge=1, description="Children per 'evopress' generation (lambda).")
+    evopress_survivors: int = Field(
+        2,
+        ge=1,
+        description="Children of the cheap first stage re-scored on all calibration tokens.",
+    )
+    evopress_cheap_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of the calibration blocks 'evopress' scores all children on.",
+    )
 
     @model_validator(mode="after")
     def _one_size(self) -> "SearchConfig":
@@ -123,6 +160,11 @@ class SearchConfig(_Section):
             raise ValueError("set search.sparsity or search.num_remove")
         if self.elitism >= self.population:
             raise ValueError(f"elitism ({self.elitism}) must be below population ({self.population})")
+        if self.evopress_survivors > self.evopress_offspring:
+            raise ValueError(
+                f"evopress_survivors ({self.evopress_survivors}) exceeds evopress_offspring "
+                f"({self.evopress_offspring})"
+            )
         return self
 
 

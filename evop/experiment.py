@@ -11,12 +11,15 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evop.config import EvoPConfig
 from evop.fitness import finite_or_none
 from evop.patterns import Pattern
 from evop.search import SearchState
+
+if TYPE_CHECKING:
+    from evop.baselines import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ def build_result(
     if best is None:
         raise RuntimeError("the search finished without a best pattern")
     return {
+        "method": "evop",
         "base_model": cfg.model.name_or_path,
         "num_layers": best.num_layers,
         "removed_layers": list(best.removed),
@@ -67,10 +71,52 @@ def build_result(
     }
 
 
+def build_outcome_result(
+    cfg: EvoPConfig, outcome: "Outcome", dense_fitness: float, calibration: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``result.json`` contract for a baseline method's :class:`~evop.baselines.Outcome`:
+    the same keys as :func:`build_result`, one history entry per round or generation."""
+    best = outcome.pattern
+    return {
+        "method": outcome.method,
+        "base_model": cfg.model.name_or_path,
+        "num_layers": best.num_layers,
+        "removed_layers": list(best.removed),
+        "kept_layers": list(best.kept),
+        "pattern": str(best),
+        "sparsity": best.sparsity,
+        "fitness_metric": cfg.fitness.metric,
+        "fitness": finite_or_none(outcome.fitness),
+        "dense_fitness": finite_or_none(dense_fitness),
+        "evaluations": outcome.evaluations,
+        "cheap_evaluations": outcome.cheap_evaluations,
+        "generations": len(outcome.history),
+        "stop_reason": "finished",
+        "seed": cfg.search.seed,
+        "calibration": calibration,
+        "history": [
+            {
+                "generation": h["step"],
+                "best_fitness": finite_or_none(h["best_fitness"]),
+                "mean_fitness": None,
+                "evaluations": h["evaluations"],
+                "seconds": None,
+                "best_pattern": h["best_pattern"],
+            }
+            for h in outcome.history
+        ],
+        "details": outcome.details,
+        "wall_time_s": round(outcome.seconds, 3),
+        "config_hash": cfg.search_hash(),
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
 def run_search(
     cfg: EvoPConfig, on_generation: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
-    """Run CCDS + EPPS for ``cfg`` in this process and write ``result.json`` to ``cfg.output_dir``.
+    """Run CCDS + EPPS (or the baseline ``cfg.search.method``) for ``cfg`` in this process and
+    write ``result.json`` to ``cfg.output_dir``.
 
     The same idempotent steps as the Prefect pipeline, called in order: every generation is
     checkpointed to the store (``cfg.checkpoints``, default ``<output_dir>/checkpoints``), so a
@@ -89,6 +135,9 @@ def run_search(
     pipeline.segment_dataset(cfg)
     pipeline.embed_pool(cfg)
     pipeline.sample_calibration_set(cfg)
+    if cfg.search.method != "evop":
+        pipeline.run_baseline(cfg)
+        return pipeline.finalize_search(cfg)
     status = pipeline.search_status(cfg)
     generation = status["generation"] + 1
     if status["generation"] >= 0:

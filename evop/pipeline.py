@@ -13,6 +13,8 @@ Store layout under ``<store>/<run prefix>/``::
     calibration/sample.json             the drawn indices and the CCDS summary
     calibration/blocks.safetensors      the calibration blocks (n, T)
     generations/gen-000003.json         search state after generation 3 (+ manifest.json)
+    search/memo.json                    a baseline method's scores so far (resume replays them)
+    search/outcome.json                 a baseline method's finished search
     result.json                         the finished search (the ``result.json`` contract)
 """
 
@@ -41,6 +43,9 @@ EMBEDDINGS = "calibration/embeddings.npy"
 SAMPLE = "calibration/sample.json"
 BLOCKS = "calibration/blocks.safetensors"
 RESULT = "result.json"
+BASELINE_MEMO = "search/memo.json"
+BASELINE_OUTCOME = "search/outcome.json"
+MEMO_SAVE_SECONDS = 30.0  # how often a baseline's new scores are written to the store
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +283,80 @@ def run_generation(cfg: EvoPConfig, generation: int) -> dict[str, Any]:
     }
 
 
+def run_baseline(cfg: EvoPConfig) -> dict[str, Any]:
+    """Run the baseline search ``cfg.search.method`` (anything but ``evop``) to the end, once.
+
+    Baselines are deterministic given the config, so their checkpoint is the memo of scores:
+    it is written to the store every ``MEMO_SAVE_SECONDS`` and a re-run replays the method
+    against it, re-scoring only what was not saved.
+
+    Returns:
+        The :class:`~evop.baselines.Outcome` as JSON.
+    """
+    from evop.baselines import CountingFitness, block_influence, run_method
+    from evop.fitness import PatternScorer, finite_or_none
+    from evop.patterns import layers_to_remove
+
+    run = Run(cfg)
+    saved = run.get_json(BASELINE_OUTCOME)
+    if saved is not None:
+        return saved
+    s, f = cfg.search, cfg.fitness
+    scorer = cached_scorer(run)
+    memos: dict[str, dict[str, tuple[float, float]]] = {"full": {}, "cheap": {}}
+    for kind, entries in (run.get_json(BASELINE_MEMO) or {}).items():
+        memos[kind] = {key: (float("inf") if v is None else v, t) for key, (v, t) in entries.items()}
+    if any(memos.values()):
+        log.info(
+            "resuming %s with %d saved scores from %s",
+            s.method,
+            sum(map(len, memos.values())),
+            run.url(BASELINE_MEMO),
+        )
+    last_save = [time.perf_counter()]
+
+    def save_memo(force: bool = False) -> None:
+        if force or time.perf_counter() - last_save[0] >= MEMO_SAVE_SECONDS:
+            payload = {
+                kind: {key: [finite_or_none(v), t] for key, (v, t) in memo.items()}
+                for kind, memo in memos.items()
+            }
+            run.put_json(BASELINE_MEMO, payload)
+            last_save[0] = time.perf_counter()
+
+    model = scorer.model
+    blocks = scorer.blocks
+    cheap = None
+    if s.method == "evopress":
+        cheap_blocks = max(1, round(s.evopress_cheap_fraction * blocks.shape[0]))
+        cheap_scorer = PatternScorer(
+            model, blocks[:cheap_blocks], f.metric, f.batch_size, None, f.kl_top_k, f.prefix_cache_mb
+        )
+        cheap = CountingFitness(cheap_scorer, memos["cheap"], save_memo)
+    n = scorer.num_layers
+    k = layers_to_remove(n, s.sparsity, s.num_remove)
+    outcome = run_method(
+        s,
+        n,
+        k,
+        CountingFitness(scorer, memos["full"], save_memo),
+        cheap,
+        influence=lambda: block_influence(model, blocks, f.batch_size),
+    )
+    save_memo(force=True)
+    data = outcome.to_json()
+    run.put_json(BASELINE_OUTCOME, data)
+    log.info(
+        "%s removes %s (fitness %s) after %d evaluations in %.1f s",
+        s.method,
+        list(outcome.pattern.removed),
+        data["fitness"],
+        outcome.evaluations,
+        outcome.seconds,
+    )
+    return data
+
+
 def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
     """Build ``result.json`` from the final checkpoint; write it to the store and ``output_dir``
     (with ``calibration.safetensors`` beside it for later perplexity checks)."""
@@ -286,6 +365,17 @@ def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
 
     run = Run(cfg)
     result = run.get_json(RESULT)
+    if result is None and cfg.search.method != "evop":
+        from evop.baselines import Outcome
+        from evop.experiment import build_outcome_result
+
+        saved = run.get_json(BASELINE_OUTCOME)
+        if saved is None:
+            raise RuntimeError(f"the {cfg.search.method} search at {run.url()} is not finished")
+        dense = cached_scorer(run).dense()
+        result = build_outcome_result(cfg, Outcome.from_json(saved), dense, run.get_json(SAMPLE)["summary"])
+        result["checkpoints"] = run.url()
+        run.put_json(RESULT, result)
     if result is None:
         state = run.checkpoints.latest()
         if state is None or not state.done:

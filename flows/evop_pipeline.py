@@ -32,7 +32,7 @@ from tasks.calibration import embed_pool, sample_calibration_set, segment_datase
 from tasks.evaluation import evaluate_perplexity, measure_speed, score_downstream
 from tasks.pruning import prune_model
 from tasks.registry import register_model
-from tasks.search import finalize_search, run_generation, search_status
+from tasks.search import finalize_search, run_baseline, run_generation, search_status
 
 
 @contextmanager
@@ -100,16 +100,25 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
         embeddings_url = embed_pool(config, pool_url)
         calibration = sample_calibration_set(config, embeddings_url)
 
-        status = search_status(config)
+        rows: list[dict[str, Any]] = []
+        if config.search.method != "evop":
+            outcome = run_baseline(config)
+            create_table_artifact(
+                _baseline_rows(outcome),
+                key=_artifact_key(config, "generations"),
+                description=f"{config.search.method} search of this run",
+            )
+            status = {"generation": -1, "done": True}
+        else:
+            status = search_status(config)
         total = config.search.generations + 1
         progress_id = create_progress_artifact(
-            progress=100.0 * (status["generation"] + 1) / total,
+            progress=100.0 if status["done"] else 100.0 * (status["generation"] + 1) / total,
             key=_artifact_key(config, "progress"),
             description=f"EPPS generations done (of at most {total})",
         )
-        rows: list[dict[str, Any]] = []
         generation, done = status["generation"] + 1, status["done"]
-        if done:
+        if done and config.search.method == "evop":
             log.info("the search finished in an earlier run; reading its checkpoints")
         elif status["generation"] >= 0:
             log.info("resuming after generation %d", status["generation"])
@@ -158,6 +167,19 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
     }
     create_markdown_artifact(_summary_markdown(summary), key=_artifact_key(config, "summary"))
     return summary
+
+
+def _baseline_rows(outcome: dict[str, Any]) -> list[dict[str, Any]]:
+    """One table row per round or generation of a baseline method's search."""
+    return [
+        {
+            "round": h["step"],
+            "best fitness": _fmt(h["best_fitness"]),
+            "evaluations": h["evaluations"],
+            "best pattern": h["best_pattern"],
+        }
+        for h in outcome["history"]
+    ]
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:

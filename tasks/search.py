@@ -25,3 +25,10 @@ def run_generation(config: EvoPConfig, generation: int) -> dict[str, Any]:
 def finalize_search(config: EvoPConfig) -> dict[str, Any]:
     """Write ``result.json`` (store and output directory) from the final checkpoint."""
     return pipeline.finalize_search(config)
+
+
+@io_task("run-baseline", task_run_name="{config.search.method}")
+def run_baseline(config: EvoPConfig) -> dict[str, Any]:
+    """Run a baseline search method (sleb, shortgpt, ...) to the end; its scores are saved as it
+    goes, so a retry replays them."""
+    return pipeline.run_baseline(config)

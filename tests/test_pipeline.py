@@ -341,3 +341,16 @@ def test_failed_registration_keeps_results_and_a_rerun_retries_only_it(
     summary = evop_pipeline(config=good)
     assert summary["generations_run_now"] == 0  # the search was not redone
     assert str(summary["mlflow"]["model_version"]) == "1"
+
+
+def test_flow_runs_a_baseline_method_as_one_task(prefect_api, tiny_dir, text_file, tmp_path):
+    from evop.experiment import run_search
+
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", method="sleb")
+    summary = evop_pipeline(config=cfg)
+    result = summary["result"]
+    assert result["method"] == "sleb" and len(result["removed_layers"]) == 3
+    assert result["evaluations"] == 6 + 5 + 4  # 3 greedy rounds over the 6 removable layers
+    assert num_layers(AutoModelForCausalLM.from_pretrained(summary["pruned_model"])) == 5
+    library = run_search(make_cfg(tiny_dir, text_file, tmp_path / "library", method="sleb"))
+    assert comparable(library) == comparable(result)

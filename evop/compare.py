@@ -1,0 +1,645 @@
+"""Side-by-side comparison of pattern search methods: same model, calibration set and fitness.
+
+``evop compare`` (and ``benchmarks/compare.py``) runs, for one model:
+
+1. **methods x sparsities**: every method of ``spec.methods`` (see :mod:`evop.baselines`) at every
+   sparsity, on the calibration set of the config; ``random`` gets exactly as many evaluations as
+   EvoP used at that sparsity. Each chosen pattern is scored on held-out text of other domains.
+2. **CCDS vs random sampling**: EvoP on calibration sets drawn both ways, for several seeds;
+   held-out perplexity of the patterns found (mean and spread).
+3. **GA vs greedy**: EvoP's GA next to SLEB's greedy search under the same fitness and
+   calibration set (read from part 1).
+4. **search quality against the optimum**: exhaustive search at a small k gives the true
+   optimum; how often EvoP (several seeds), random search with the same budget and the
+   heuristics find it, and with what share of the evaluations.
+
+Work is shared and resumable: every pattern score goes into a memo per calibration set (saved in
+``out_dir``), so methods never score a pattern twice and a re-run after a crash continues where
+it stopped. Reported search times are what each method would have spent *alone*: the first
+measured cost of every pattern it asked for, shared scores included. Chosen patterns are scored
+on held-out text with their layers skipped in place, which gives the same perplexity as the saved
+pruned checkpoint (``tests/test_models.py``), so no checkpoint is written per row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evop.baselines import CountingFitness, Outcome, block_influence, run_method
+from evop.config import EvoPConfig
+from evop.experiment import write_json_atomic
+from evop.fitness import finite_or_none
+from evop.patterns import Pattern, layers_to_remove
+
+if TYPE_CHECKING:
+    import torch
+
+    from evop.fitness import PatternScorer
+
+log = logging.getLogger(__name__)
+
+MAIN_METHODS = ("evop", "sleb", "shortgpt", "ppl-oneshot", "evopress", "random")
+COMPARE_FILE = "compare.json"
+TABLE_FILE = "compare.md"
+MEMO_SAVE_SECONDS = 60.0
+
+
+@dataclass
+class CompareSpec:
+    """What to compare (the model, calibration, search and fitness settings come from the config).
+
+    Attributes:
+        methods: Search methods of the main table (``exhaustive`` only where the space is small).
+        sparsities: Sparsities of the main table.
+        ablation_seeds: Seeds of the CCDS-vs-random ablation (empty: skip it).
+        ablation_sparsity: Sparsity of that ablation (None: the first of ``sparsities``).
+        optimum_k: Layers removed in the optimum check (None: skip it).
+        optimum_seeds: EvoP (and random-search) seeds of the optimum check.
+        lm_eval: Also score each chosen pattern on ``evaluation.tasks`` with lm-eval.
+    """
+
+    methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
+    sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3])
+    ablation_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    ablation_sparsity: float | None = None
+    optimum_k: int | None = 2
+    optimum_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    lm_eval: bool = False
+
+    def __post_init__(self) -> None:
+        from evop.baselines import METHODS
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown search method(s) {unknown}; choose from {', '.join(METHODS)}")
+        bad = [s for s in self.sparsities if not 0 < s < 1]
+        if bad or not self.sparsities:
+            raise ValueError(f"sparsities must be non-empty and in (0, 1), got {self.sparsities}")
+
+
+class _Memo:
+    """Scores of one calibration set (full and cheap budget), persisted to ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.full: dict[str, tuple[float, float]] = {}
+        self.cheap: dict[str, tuple[float, float]] = {}
+        if path.is_file():
+            data = json.loads(path.read_text())
+            for kind in ("full", "cheap"):
+                getattr(self, kind).update(
+                    {k: (math.inf if v is None else v, t) for k, (v, t) in data.get(kind, {}).items()}
+                )
+        self._saved = time.perf_counter()
+
+    def save(self, force: bool = True) -> None:
+        if not force and time.perf_counter() - self._saved < MEMO_SAVE_SECONDS:
+            return
+        payload = {
+            kind: {k: [finite_or_none(v), round(t, 4)] for k, (v, t) in getattr(self, kind).items()}
+            for kind in ("full", "cheap")
+        }
+        write_json_atomic(self.path, payload)
+        self._saved = time.perf_counter()
+
+
+class Comparison:
+    """One comparison run: the model loaded once, calibration and held-out sets, memos, results.
+
+    Args:
+        cfg: Model, calibration, search (GA and baseline settings), fitness and evaluation
+            (held-out sources and window settings; lm-eval tasks) of the comparison.
+        spec: What to compare.
+        out_dir: Where ``compare.json``, ``compare.md`` and the memos go (resumable).
+        model: An already loaded ``(model, tokenizer)`` (tests); loaded from ``cfg`` when None.
+    """
+
+    def __init__(self, cfg: EvoPConfig, spec: CompareSpec, out_dir: str | Path, model: Any = None):
+        from evop.models import load_model, num_layers
+
+        self.cfg = cfg
+        self.spec = spec
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.model, self.tokenizer = model if model is not None else load_model(cfg.model)
+        self.num_layers = num_layers(self.model)
+        self._calibration: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        self._scorers: dict[str, PatternScorer] = {}
+        self._memos: dict[str, _Memo] = {}
+        self._heldout: dict[str, PatternScorer] | None = None
+        self._heldout_memo: dict[str, dict[str, float | None]] = {}
+        self.results = self._load_results()
+
+    # ------------------------------------------------------------------ state on disk
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the results: a changed config starts over."""
+        import hashlib
+
+        e = self.cfg.evaluation
+        payload = {
+            "search": self.cfg.search_hash(),
+            "heldout": [e.heldout, e.block_len, e.max_blocks],
+            "tasks": [e.tasks, e.task_source, e.task_examples, e.num_fewshot, e.limit]
+            if self.spec.lm_eval
+            else None,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _load_results(self) -> dict[str, Any]:
+        path = self.out / COMPARE_FILE
+        fresh = {"fingerprint": self.fingerprint(), "units": {}, "heldout_scores": {}}
+        if not path.is_file():
+            return fresh
+        data = json.loads(path.read_text())
+        if data.get("fingerprint") != fresh["fingerprint"]:
+            log.warning("%s is from another configuration; starting a new comparison", path)
+            return fresh
+        self._heldout_memo = data.get("heldout_scores", {})
+        log.info("resuming the comparison in %s (%d results done)", self.out, len(data.get("units", {})))
+        return {**fresh, "units": data.get("units", {})}
+
+    def _save(self) -> None:
+        self.results["heldout_scores"] = self._heldout_memo
+        write_json_atomic(self.out / COMPARE_FILE, self.report())
+        (self.out / TABLE_FILE).write_text(render_markdown(self.report()))
+
+    def _unit(self, key: str, compute) -> dict[str, Any]:
+        """A result computed once: read from ``compare.json`` when a previous run finished it."""
+        units = self.results["units"]
+        if key not in units:
+            log.info("compare: %s", key)
+            units[key] = compute()
+            for memo in self._memos.values():
+                memo.save()
+            self._save()
+        return units[key]
+
+    # ------------------------------------------------------------------ data
+
+    def calibration(self, sampler: str | None = None, seed: int | None = None) -> str:
+        """Name of the calibration set drawn with ``sampler``/``seed`` (defaults: the config's)."""
+        from evop.calibration import build_calibration_set
+
+        c = self.cfg.calibration
+        c = c.model_copy(update={"method": sampler or c.method, "seed": c.seed if seed is None else seed})
+        name = f"{c.method}-seed{c.seed}"
+        if name not in self._calibration:
+            model = self.model if c.embedder == "model" else None
+            calib = build_calibration_set(c, self.tokenizer, model)
+            self._calibration[name] = (calib.blocks, calib.summary())
+            self._memos[name] = _Memo(self.out / f"memo-{name}.json")
+        return name
+
+    def scorer(self, calib: str, cheap: bool = False) -> "PatternScorer":
+        from evop.fitness import PatternScorer
+
+        key = f"{calib}/{'cheap' if cheap else 'full'}"
+        if key not in self._scorers:
+            f = self.cfg.fitness
+            blocks = self._calibration[calib][0]
+            if cheap:
+                blocks = blocks[: max(1, round(self.cfg.search.evopress_cheap_fraction * blocks.shape[0]))]
+            self._scorers[key] = PatternScorer(
+                self.model, blocks, f.metric, f.batch_size, f.token_budget, f.kl_top_k, f.prefix_cache_mb
+            )
+        return self._scorers[key]
+
+    def fitness(self, calib: str, cheap: bool = False) -> CountingFitness:
+        """A fresh per-method view of the shared, persisted memo of ``calib``."""
+        memo = self._memos[calib]
+        store = memo.cheap if cheap else memo.full
+        return CountingFitness(self.scorer(calib, cheap), store, lambda: memo.save(force=False))
+
+    def heldout_scorers(self) -> dict[str, "PatternScorer"]:
+        from evop.assets import DEFAULT_ASSETS, prepare_assets
+        from evop.evaluation import text_blocks
+        from evop.fitness import PatternScorer
+
+        if self._heldout is None:
+            e = self.cfg.evaluation
+            wanted = [s.removeprefix("evop-assets:") for s in e.heldout if s.startswith("evop-assets:")]
+            extra = [name for name in wanted if name not in DEFAULT_ASSETS]
+            if extra:
+                prepare_assets(tuple(extra))
+            self._heldout = {}
+            for source in e.heldout:
+                blocks = text_blocks(source, self.tokenizer, e.block_len, e.max_blocks)
+                self._heldout[_domain(source)] = PatternScorer(
+                    self.model, blocks, "ppl", e.batch_size, prefix_cache_mb=self.cfg.fitness.prefix_cache_mb
+                )
+        return self._heldout
+
+    def heldout(self, pattern: Pattern | None) -> dict[str, float | None]:
+        """Held-out perplexity per domain of ``pattern`` (None: the dense model), memoised."""
+        key = "dense" if pattern is None else str(pattern)
+        if key not in self._heldout_memo:
+            scores = {}
+            for domain, scorer in self.heldout_scorers().items():
+                scores[domain] = finite_or_none(scorer.dense() if pattern is None else scorer(pattern))
+            self._heldout_memo[key] = scores
+        return self._heldout_memo[key]
+
+    def downstream(self, pattern: Pattern | None) -> dict[str, float | None] | None:
+        """lm-eval accuracy per task (acc_norm where the task has it) of ``pattern``, in place."""
+        if not self.spec.lm_eval or not self.cfg.evaluation.tasks:
+            return None
+        from evop.downstream import evaluate_tasks
+        from evop.models import layers_kept
+        from evop.pipeline import task_directory
+
+        e = self.cfg.evaluation
+        include = task_directory(self.cfg.model_copy(update={"output_dir": str(self.out)}), self.tokenizer)
+        kept = range(self.num_layers) if pattern is None else pattern.kept
+        use_cache = self.model.config.use_cache
+        self.model.config.use_cache = False  # skipped layers break the KV-cache bookkeeping
+        try:
+            with layers_kept(self.model, kept):
+                scores = evaluate_tasks(
+                    self.model, self.tokenizer, e.tasks, include, e.num_fewshot, e.limit, e.lm_eval_batch_size
+                )
+        finally:
+            self.model.config.use_cache = use_cache
+        out = {}
+        for task, value in scores.items():
+            if isinstance(value, dict):
+                out[task] = value.get("acc_norm") if value.get("acc_norm") is not None else value.get("acc")
+        out["mean_acc"] = scores.get("mean_acc")
+        return out
+
+    # ------------------------------------------------------------------ the parts
+
+    def search(
+        self, method: str, k: int, calib: str, seed: int | None = None, budget: int | None = None
+    ) -> Outcome:
+        settings = self.cfg.search.model_copy(
+            update={"method": method, "seed": self.cfg.search.seed if seed is None else seed}
+        )
+        full = self.fitness(calib)
+        cheap = self.fitness(calib, cheap=True) if method == "evopress" else None
+        blocks = self._calibration[calib][0]
+        influence_seconds = [0.0]
+
+        def influence() -> list[float]:
+            start = time.perf_counter()
+            scores = block_influence(self.model, blocks, self.cfg.fitness.batch_size)
+            influence_seconds[0] = time.perf_counter() - start
+            return scores
+
+        outcome = run_method(settings, self.num_layers, k, full, cheap, influence, budget)
+        # What the method would have cost alone: scoring time of every pattern it asked for.
+        outcome.details["search_seconds"] = round(
+            full.seconds + (cheap.seconds if cheap else 0.0) + influence_seconds[0], 2
+        )
+        return outcome
+
+    def row(self, outcome: Outcome, sparsity: float | None, calib: str) -> dict[str, Any]:
+        return {
+            "method": outcome.method,
+            "sparsity": sparsity,
+            "k": outcome.pattern.k,
+            "removed_layers": list(outcome.pattern.removed),
+            "pattern": str(outcome.pattern),
+            "calibration": calib,
+            "calib_fitness": finite_or_none(outcome.fitness),
+            "heldout_ppl": self.heldout(outcome.pattern),
+            "downstream": self.downstream(outcome.pattern),
+            "evaluations": outcome.evaluations,
+            "cheap_evaluations": outcome.cheap_evaluations,
+            "search_seconds": outcome.details["search_seconds"],
+            "wall_seconds": round(outcome.seconds, 2),
+        }
+
+    def run_main(self) -> None:
+        calib = self.calibration()
+        self._unit(
+            "dense",
+            lambda: {
+                "method": "dense",
+                "sparsity": 0.0,
+                "k": 0,
+                "removed_layers": [],
+                "pattern": "",
+                "calibration": calib,
+                "calib_fitness": finite_or_none(self.scorer(calib).dense()),
+                "heldout_ppl": self.heldout(None),
+                "downstream": self.downstream(None),
+                "evaluations": 0,
+                "cheap_evaluations": 0,
+                "search_seconds": 0.0,
+                "wall_seconds": 0.0,
+            },
+        )
+        methods = sorted(self.spec.methods, key=lambda m: m != "evop")  # EvoP first: random's budget
+        for sparsity in self.spec.sparsities:
+            k = layers_to_remove(self.num_layers, sparsity)
+            for method in methods:
+                budget = None
+                if method == "random" and "evop" in methods:
+                    budget = self.results["units"][f"main/evop/{sparsity}"]["evaluations"]
+                self._unit(
+                    f"main/{method}/{sparsity}", partial(self._main_row, method, sparsity, k, calib, budget)
+                )
+
+    def _main_row(
+        self, method: str, sparsity: float, k: int, calib: str, budget: int | None
+    ) -> dict[str, Any]:
+        return self._guarded(
+            lambda: self.row(self.search(method, k, calib, budget=budget), sparsity, calib),
+            method,
+            sparsity,
+            k,
+        )
+
+    def _guarded(self, compute, method: str, sparsity: float | None, k: int) -> dict[str, Any]:
+        """A refused search (e.g. exhaustive over too many patterns) becomes a row saying why."""
+        from evop.baselines import SearchTooLargeError
+
+        try:
+            return compute()
+        except SearchTooLargeError as err:
+            log.warning("%s at k=%d skipped: %s", method, k, err)
+            return {"method": method, "sparsity": sparsity, "k": k, "skipped": str(err)}
+
+    def run_ablation(self) -> None:
+        sparsity = self.spec.ablation_sparsity or self.spec.sparsities[0]
+        k = layers_to_remove(self.num_layers, sparsity)
+        for seed in self.spec.ablation_seeds:
+            for sampler in ("ccds", "random"):
+
+                def compute(sampler=sampler, seed=seed) -> dict[str, Any]:
+                    calib = self.calibration(sampler, seed)
+                    row = self.row(self.search("evop", k, calib, seed=seed), sparsity, calib)
+                    return {**row, "sampler": sampler, "seed": seed}
+
+                self._unit(f"ablation/{sampler}/{seed}", compute)
+
+    def run_optimum(self) -> None:
+        k = self.spec.optimum_k
+        calib = self.calibration()
+        best = self._unit(
+            f"optimum/exhaustive/{k}",
+            lambda: self._guarded(
+                lambda: self.row(self.search("exhaustive", k, calib), None, calib), "exhaustive", None, k
+            ),
+        )
+        if "skipped" in best:
+            return
+        for seed in self.spec.optimum_seeds:
+            evop = self._unit(
+                f"optimum/evop/{seed}",
+                lambda s=seed: self.row(self.search("evop", k, calib, seed=s), None, calib),
+            )
+            self._unit(
+                f"optimum/random/{seed}",
+                lambda s=seed, b=evop["evaluations"]: self.row(
+                    self.search("random", k, calib, seed=s, budget=b), None, calib
+                ),
+            )
+        for method in ("sleb", "ppl-oneshot", "shortgpt"):
+            self._unit(f"optimum/{method}", lambda m=method: self.row(self.search(m, k, calib), None, calib))
+
+    def run(self) -> dict[str, Any]:
+        """Run every part (finished parts are read back), write ``compare.json`` and ``compare.md``."""
+        start = time.perf_counter()
+        self.run_main()
+        if self.spec.ablation_seeds:
+            self.run_ablation()
+        if self.spec.optimum_k:
+            self.run_optimum()
+        self._save()
+        log.info("comparison finished in %.1f s -> %s", time.perf_counter() - start, self.out / TABLE_FILE)
+        return self.report()
+
+    # ------------------------------------------------------------------ report
+
+    def report(self) -> dict[str, Any]:
+        """Everything measured so far, in the shape of ``compare.json``."""
+        e = self.cfg.evaluation
+        return {
+            "fingerprint": self.results["fingerprint"],
+            "model": self.cfg.model.name_or_path,
+            "num_layers": self.num_layers,
+            "fitness_metric": self.cfg.fitness.metric,
+            "calibration": {name: summary for name, (_, summary) in self._calibration.items()}
+            | {"dataset": self.cfg.calibration.dataset},
+            "heldout": {"sources": list(e.heldout), "block_len": e.block_len, "max_blocks": e.max_blocks},
+            "spec": asdict(self.spec),
+            "search": self.cfg.search.model_dump(mode="json"),
+            "units": self.results["units"],
+            "heldout_scores": self._heldout_memo,
+        }
+
+
+def _domain(source: str) -> str:
+    name = source.removeprefix("evop-assets:")
+    return Path(name).stem if "/" in name else name
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+
+def _f(x: float | None, digits: int = 4) -> str:
+    return "diverged" if x is None else f"{x:.{digits}g}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The comparison's tables as markdown (what ``compare.md`` holds and ``evop compare`` prints)."""
+    units = report["units"]
+    domains = report["heldout"]["sources"]
+    names = [_domain(s) for s in domains]
+    metric = report["fitness_metric"]
+    L = report["num_layers"]
+    lines = [f"# Layer-pruning search methods on {report['model']} ({L} layers)", ""]
+    calib = report["calibration"]
+    main = next((v for k, v in calib.items() if isinstance(v, dict)), None)
+    if main:
+        lines.append(
+            f"Calibration: {main['method']}, {main['n_samples']} x {main['block_len']} tokens of "
+            f"{calib.get('dataset')}; fitness: calibration {metric}. Held-out: "
+            + ", ".join(
+                f"{n} ({report['heldout']['max_blocks']} x {report['heldout']['block_len']} tokens)"
+                for n in names
+            )
+            + ". Search s: scoring time each method would spend alone."
+            " Best held-out value per sparsity in bold."
+        )
+        lines.append("")
+    header = f"| sparsity | method | removed layers | calib {metric} | " + " | ".join(
+        f"{n} ppl" for n in names
+    )
+    lines += [header + " | evaluations | search s |", "|" + " --- |" * (6 + len(names))]
+    dense = units.get("dense")
+    if dense:
+        lines.append(
+            f"| 0 | dense | - | {_f(dense['calib_fitness'])} | "
+            + " | ".join(_f(dense["heldout_ppl"].get(n)) for n in names)
+            + " | - | - |"
+        )
+    for sparsity in report["spec"]["sparsities"]:
+        rows = [v for key, v in units.items() if key.startswith("main/") and v.get("sparsity") == sparsity]
+        best = {
+            n: min(
+                (r["heldout_ppl"][n] for r in rows if "heldout_ppl" in r and r["heldout_ppl"][n] is not None),
+                default=None,
+            )
+            for n in names
+        }
+        for r in rows:
+            head = f"| {sparsity:.0%} ({r['k']}/{L}) | {r['method']} |"
+            if "skipped" in r:
+                lines.append(f"{head} refused: {r['skipped']} |" + " |" * (3 + len(names)))
+                continue
+            cells = []
+            for n in names:
+                v = r["heldout_ppl"][n]
+                cells.append(f"**{_f(v)}**" if v is not None and v == best[n] else _f(v))
+            evals = str(r["evaluations"]) + (
+                f" (+{r['cheap_evaluations']} cheap)" if r["cheap_evaluations"] else ""
+            )
+            if r["method"] == "shortgpt":
+                evals += " (+1 forward)"
+            lines.append(
+                f"{head} {','.join(map(str, r['removed_layers']))} | {_f(r['calib_fitness'])} | "
+                + " | ".join(cells)
+                + f" | {evals} | {r['search_seconds']:.0f} |"
+            )
+    lines += _ablation_markdown(report, names, metric) + _greedy_markdown(report, names, metric)
+    lines += _optimum_markdown(report)
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return _f(values[0])
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def _ablation_markdown(report: dict[str, Any], names: list[str], metric: str) -> list[str]:
+    rows = [v for k, v in report["units"].items() if k.startswith("ablation/")]
+    if not rows:
+        return []
+    spec = report["spec"]
+    sparsity = spec["ablation_sparsity"] or spec["sparsities"][0]
+    lines = [
+        "",
+        f"## Ablation: CCDS vs random calibration sampling (EvoP at {sparsity:.0%}, seeds "
+        f"{', '.join(map(str, spec['ablation_seeds']))})",
+        "",
+        "The calibration ppl is on each run's own calibration set, so only the held-out columns compare.",
+        "",
+        "| sampler | seed | removed layers | own calib "
+        + metric
+        + " | "
+        + " | ".join(f"{n} ppl" for n in names)
+        + " |",
+        "|" + " --- |" * (4 + len(names)),
+    ]
+    for r in sorted(rows, key=lambda r: (r["sampler"], r["seed"])):
+        lines.append(
+            f"| {r['sampler']} | {r['seed']} | {','.join(map(str, r['removed_layers']))} | "
+            f"{_f(r['calib_fitness'])} | " + " | ".join(_f(r["heldout_ppl"][n]) for n in names) + " |"
+        )
+    for sampler in ("ccds", "random"):
+        mine = [r for r in rows if r["sampler"] == sampler]
+        cells = [
+            _mean_std([r["heldout_ppl"][n] for r in mine if r["heldout_ppl"][n] is not None]) for n in names
+        ]
+        lines.append(f"| **{sampler} mean ± std** | {len(mine)} seeds | | | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _greedy_markdown(report: dict[str, Any], names: list[str], metric: str) -> list[str]:
+    units = report["units"]
+    pairs = [
+        (s, units.get(f"main/evop/{s}"), units.get(f"main/sleb/{s}")) for s in report["spec"]["sparsities"]
+    ]
+    pairs = [(s, a, b) for s, a, b in pairs if a and b and "skipped" not in a and "skipped" not in b]
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "## Ablation: EvoP's GA vs SLEB's greedy search (same fitness, same calibration set)",
+        "",
+        f"| sparsity | search | calib {metric} | "
+        + " | ".join(f"{n} ppl" for n in names)
+        + " | evaluations | search s |",
+        "|" + " --- |" * (5 + len(names)),
+    ]
+    for s, ga, greedy in pairs:
+        for label, r in (("GA (evop)", ga), ("greedy (sleb)", greedy)):
+            lines.append(
+                f"| {s:.0%} | {label} | {_f(r['calib_fitness'])} | "
+                + " | ".join(_f(r["heldout_ppl"][n]) for n in names)
+                + f" | {r['evaluations']} | {r['search_seconds']:.0f} |"
+            )
+    return lines
+
+
+def _optimum_markdown(report: dict[str, Any]) -> list[str]:
+    units = report["units"]
+    spec = report["spec"]
+    k = spec["optimum_k"]
+    best = units.get(f"optimum/exhaustive/{k}")
+    if not best:
+        return []
+    if "skipped" in best:
+        return ["", f"## Search quality against the optimum: skipped ({best['skipped']})"]
+    space = best["evaluations"]
+    optimum = best["calib_fitness"]
+    lines = [
+        "",
+        f"## Search quality against the optimum (k={k} of {report['num_layers']} layers)",
+        "",
+        f"Exhaustive search scored all {space} patterns: optimum {best['pattern']} with calibration "
+        f"fitness {_f(optimum, 6)}.",
+        "",
+        "| method | runs | found the optimum | mean evaluations | share of the space "
+        "| mean fitness above optimum |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def found(r: dict[str, Any]) -> bool:
+        return (
+            r["calib_fitness"] is not None
+            and optimum is not None
+            and r["calib_fitness"] <= optimum * (1 + 1e-9)
+        )
+
+    def gap(rs: list[dict[str, Any]]) -> str:
+        gaps = [
+            (r["calib_fitness"] / optimum - 1) * 100 for r in rs if r["calib_fitness"] is not None and optimum
+        ]
+        return f"{statistics.mean(gaps):+.2f}%" if gaps else "-"
+
+    for method in ("evop", "random"):
+        rs = [
+            units[f"optimum/{method}/{s}"] for s in spec["optimum_seeds"] if f"optimum/{method}/{s}" in units
+        ]
+        if rs:
+            evals = statistics.mean(r["evaluations"] for r in rs)
+            label = "evop (GA)" if method == "evop" else "random, same budget"
+            lines.append(
+                f"| {label} | {len(rs)} seeds | {sum(map(found, rs))}/{len(rs)} | {evals:.0f} | "
+                f"{evals / space:.0%} | {gap(rs)} |"
+            )
+    for method in ("sleb", "ppl-oneshot", "shortgpt"):
+        r = units.get(f"optimum/{method}")
+        if r:
+            lines.append(
+                f"| {method} | 1 | {'yes' if found(r) else 'no'} | {r['evaluations']} | "
+                f"{r['evaluations'] / space:.0%} | {gap([r])} |"
+            )
+    return lines

@@ -1,0 +1,301 @@
+"""Baseline search methods on objectives with known answers, and on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import math
+from itertools import combinations
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+
+from evop.baselines import (
+    CountingFitness,
+    Outcome,
+    SearchTooLargeError,
+    block_influence,
+    default_evopress_generations,
+    evopress,
+    exhaustive,
+    genetic,
+    ppl_oneshot,
+    random_search,
+    run_method,
+    shortgpt,
+    sleb,
+)
+from evop.config import ConfigError, SearchConfig, build_config
+from evop.experiment import run_search
+from evop.models import layer_access
+from evop.patterns import Pattern
+from evop.pipeline import BASELINE_MEMO, Run
+from tests.tiny_models import random_blocks, save_tiny_model, tiny_model, write_docs
+
+WEIGHTS = [9.0, 4.0, 7.0, 1.0, 8.0, 2.5, 6.0, 3.0, 5.0, 0.5]  # layer i costs WEIGHTS[i] when removed
+
+
+def separable(pattern: Pattern) -> float:
+    """Removing a layer costs its weight, independently of the others: optimum = k cheapest."""
+    return sum(WEIGHTS[i] for i in pattern.removed)
+
+
+def cheapest(k: int, protected=()) -> tuple[int, ...]:
+    allowed = [i for i in range(len(WEIGHTS)) if i not in protected]
+    return tuple(sorted(sorted(allowed, key=lambda i: WEIGHTS[i])[:k]))
+
+
+def interacting(pattern: Pattern) -> float:
+    """Layers 2 and 7 are harmful alone but complement each other (removing both is best);
+    a greedy search, which adds one layer at a time, never finds the pair."""
+    cost = separable(pattern)
+    if {2, 7} <= set(pattern.removed):
+        cost -= 20.0
+    return cost
+
+
+class Counter:
+    """A fitness that counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, pattern):
+        self.calls += 1
+        return self.fn(pattern)
+
+
+# ----------------------------------------------------------------------- known optima
+
+
+def test_sleb_greedy_choice_on_a_separable_objective():
+    outcome = sleb(separable, 10, 3, protected=[0, -1])
+    assert outcome.pattern.removed == cheapest(3, protected=(0, 9))
+    assert outcome.details["removal_order"] == [3, 5, 7]  # cheapest first, one per round
+    # k rounds re-scoring every remaining layer: 8 + 7 + 6 candidates.
+    assert outcome.evaluations == 8 + 7 + 6
+    assert [h["step"] for h in outcome.history] == [1, 2, 3]
+
+
+def test_greedy_misses_an_interaction_that_exhaustive_and_the_ga_find():
+    best = exhaustive(interacting, 10, 2).pattern
+    assert best.removed == (2, 7)
+    assert sleb(interacting, 10, 2).pattern.removed != (2, 7)
+    settings = SearchConfig(num_remove=2, protected_layers=[], population=8, generations=20, patience=20)
+    assert genetic(interacting, 10, 2, settings).pattern == best
+
+
+def test_ppl_oneshot_removes_the_least_harmful_single_layers():
+    outcome = ppl_oneshot(separable, 10, 4)
+    assert outcome.pattern.removed == cheapest(4)
+    assert outcome.evaluations == 10 + 1  # every single layer, then the chosen pattern
+    assert outcome.details["single_layer_fitness"]["9"] == 0.5
+
+
+def test_exhaustive_returns_the_argmin_and_refuses_large_spaces():
+    counter = Counter(separable)
+    outcome = exhaustive(counter, 10, 3, protected=[0])
+    brute = min((Pattern.of(10, c) for c in combinations(range(1, 10), 3)), key=separable)
+    assert outcome.pattern == brute and outcome.fitness == separable(brute)
+    assert counter.calls == outcome.evaluations == math.comb(9, 3)
+    with pytest.raises(
+        SearchTooLargeError, match=r"C\(9, 3\) = 84 patterns exceeds search.exhaustive_limit=50"
+    ):
+        exhaustive(separable, 10, 3, protected=[0], limit=50)
+
+
+def test_random_search_uses_exactly_its_budget():
+    for budget in (1, 7, 40):
+        counter = Counter(separable)
+        outcome = random_search(counter, 10, 3, budget, seed=1)
+        assert counter.calls == outcome.evaluations == budget
+    # A budget beyond the space scores every pattern once.
+    counter = Counter(separable)
+    assert random_search(counter, 10, 2, 500).evaluations == counter.calls == math.comb(10, 2)
+    assert random_search(separable, 10, 2, 500).pattern.removed == cheapest(2)
+
+
+def test_random_search_is_reproducible_by_seed():
+    a = random_search(separable, 10, 3, 10, seed=3)
+    b = random_search(separable, 10, 3, 10, seed=3)
+    assert a.pattern == b.pattern and a.history == b.history
+
+
+def test_evopress_finds_the_optimum_and_stages_its_budget():
+    full, cheap = Counter(separable), Counter(separable)
+    outcome = evopress(full, cheap, 10, 3, generations=30, offspring=8, survivors=2, seed=0)
+    assert outcome.pattern.removed == cheapest(3)
+    # Every generation: up to 8 children on the cheap budget, at most 2 of them on the full one.
+    assert outcome.cheap_evaluations == cheap.calls <= 8 * 30
+    assert outcome.evaluations == full.calls <= 1 + 2 * 30
+    assert outcome.evaluations < outcome.cheap_evaluations
+    # The parent only ever improves.
+    values = [h["best_fitness"] for h in outcome.history]
+    assert values == sorted(values, reverse=True)
+
+
+def test_evopress_default_generations_follow_the_paper():
+    assert default_evopress_generations(32, 8) == round(8 * 24 / 1.5)
+
+
+def test_shortgpt_removes_the_lowest_block_influence():
+    influence = [0.9, 0.2, 0.8, 0.05, 0.7, 0.1, 0.6, 0.3, 0.5, 0.01]
+    outcome = shortgpt(influence, separable, 10, 3, protected=[0, -1])
+    assert outcome.pattern.removed == (1, 3, 5)  # layer 9 is protected
+    assert outcome.evaluations == 1
+    with pytest.raises(ValueError, match="one Block Influence per layer"):
+        shortgpt(influence[:5], separable, 10, 3)
+
+
+def test_divergence_ranks_last_instead_of_crashing():
+    def explodes(pattern):
+        if 3 in pattern.removed:
+            raise FloatingPointError("overflow")
+        return float("nan") if 5 in pattern.removed else separable(pattern)
+
+    outcome = sleb(explodes, 10, 2)
+    assert not {3, 5} & set(outcome.pattern.removed)
+    assert math.isfinite(outcome.fitness)
+
+
+def test_counting_fitness_shares_scores_and_charges_each_method_its_own_time():
+    memo: dict = {}
+    base = Counter(separable)
+    first, second = CountingFitness(base, memo), CountingFitness(base, memo)
+    p = Pattern.of(10, [1, 2])
+    first(p)
+    first(p)
+    second(p)
+    assert base.calls == 1  # scored once for both
+    assert first.evaluations == second.evaluations == 1
+    assert first.seconds == second.seconds == memo[str(p)][1]
+
+
+def test_run_method_dispatches_every_method():
+    for method in ("evop", "sleb", "ppl-oneshot", "evopress", "random", "exhaustive", "shortgpt"):
+        settings = SearchConfig(
+            method=method,
+            num_remove=2,
+            protected_layers=[],
+            population=6,
+            generations=6,
+            evopress_generations=10,
+            budget=20,
+        )
+        outcome = run_method(settings, 10, 2, separable, influence=lambda: list(WEIGHTS))
+        assert outcome.method == method and outcome.pattern.k == 2
+        again = Outcome.from_json(json.loads(json.dumps(outcome.to_json())))
+        assert again.pattern == outcome.pattern and again.evaluations == outcome.evaluations
+    with pytest.raises(ValueError, match="Block Influence"):
+        run_method(SearchConfig(method="shortgpt", num_remove=2), 10, 2, separable)
+
+
+def test_config_rejects_unknown_methods_and_bad_evopress_settings():
+    with pytest.raises(ConfigError, match="search.method"):
+        build_config({"search": {"method": "magic"}})
+    with pytest.raises(ConfigError, match="evopress_survivors"):
+        build_config({"search": {"evopress_offspring": 2, "evopress_survivors": 3}})
+
+
+# ----------------------------------------------------------------------- on models
+
+
+def make_identity(layer: torch.nn.Module) -> None:
+    """Zero the projections that write into the residual stream: the layer returns its input."""
+    for name, param in layer.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            param.data.zero_()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+def test_block_influence_finds_layers_made_identity(model_type):
+    model = tiny_model(model_type, num_layers=6)
+    layers = layer_access(model).layers(model)
+    if model_type == "gpt2":
+        for j in (2, 4):
+            layers[j].attn.c_proj.weight.data.zero_()
+            layers[j].attn.c_proj.bias.data.zero_()
+            layers[j].mlp.c_proj.weight.data.zero_()
+            layers[j].mlp.c_proj.bias.data.zero_()
+    else:
+        for j in (2, 4):
+            make_identity(layers[j])
+    influence = block_influence(model, random_blocks(4, 16), batch_size=2)
+    assert len(influence) == 6
+    assert influence[2] == pytest.approx(0, abs=1e-5) and influence[4] == pytest.approx(0, abs=1e-5)
+    assert min(influence[j] for j in (1, 3, 5)) > 1e-3
+    assert shortgpt(influence, lambda p: 0.0, 6, 2, protected=[0, -1]).pattern.removed == (2, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", "llama", num_layers=8)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    return write_docs(tmp_path_factory.mktemp("text") / "docs.jsonl")
+
+
+def _cfg(tiny_dir, text_file, out, **search):
+    return build_config(
+        {
+            "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
+            "calibration": {
+                "dataset": str(text_file),
+                "pool_size": 32,
+                "block_len": 32,
+                "n_samples": 6,
+                "embedder": "model",
+                "n_clusters": 3,
+            },
+            "search": {"num_remove": 2, **search},
+            "fitness": {"batch_size": 4},
+            "output_dir": str(out),
+        }
+    )
+
+
+@pytest.mark.parametrize("method", ["sleb", "shortgpt", "ppl-oneshot", "evopress", "random", "exhaustive"])
+def test_every_baseline_writes_the_result_contract(method, tiny_dir, text_file, tmp_path):
+    cfg = _cfg(
+        tiny_dir,
+        text_file,
+        tmp_path / method,
+        method=method,
+        evopress_generations=3,
+        evopress_offspring=4,
+        budget=5,
+    )
+    result = run_search(cfg)
+    on_disk = json.loads((tmp_path / method / "result.json").read_text())
+    assert on_disk == result
+    assert result["method"] == method and len(result["removed_layers"]) == 2
+    assert result["fitness"] > 0 and result["evaluations"] >= 1 and result["history"]
+    assert not {0, 7} & set(result["removed_layers"])  # protected by default
+    if method == "random":
+        assert result["evaluations"] == 5
+    if method == "exhaustive":
+        assert result["evaluations"] == math.comb(6, 2)
+
+
+def test_a_rerun_replays_saved_scores_instead_of_rescoring(tiny_dir, text_file, tmp_path, monkeypatch):
+    from evop import pipeline
+    from evop.fitness import PatternScorer
+
+    cfg = _cfg(tiny_dir, text_file, tmp_path / "run", method="sleb")
+    first = run_search(cfg)
+    run = Run(cfg)
+    memo = run.get_json(BASELINE_MEMO)["full"]
+    assert len(memo) == first["evaluations"]
+    # A crash after the scores were saved but before the outcome: the re-run scores nothing.
+    for name in (pipeline.BASELINE_OUTCOME, pipeline.RESULT):
+        Path(urlparse(run.url(name)).path).unlink()
+    pipeline.forget_models()
+    calls = []
+    original = PatternScorer.__call__
+    monkeypatch.setattr(PatternScorer, "__call__", lambda self, p: calls.append(p) or original(self, p))
+    again = run_search(cfg)
+    assert calls == []
+    assert again["removed_layers"] == first["removed_layers"] and again["fitness"] == first["fitness"]

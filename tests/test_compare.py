@@ -1,0 +1,218 @@
+"""`evop compare` on a tiny model: every part of the table, the JSON, equal budgets and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import yaml
+
+from evop.cli import main
+from evop.compare import COMPARE_FILE, TABLE_FILE, CompareSpec
+from evop.fitness import PatternScorer
+from tests.tiny_models import WORDS, save_tiny_model, write_docs
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", "llama", num_layers=8)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    rng = random.Random(1)
+    sentences = [
+        " ".join(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))).capitalize() + "."
+            for _ in range(8)
+        )
+        for _ in range(30)
+    ]
+    (root / "sentences.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in sentences))
+    return {
+        "calibration": write_docs(root / "wiki.jsonl"),
+        "news": write_docs(root / "news.jsonl", seed=7),
+        "books": write_docs(root / "books.jsonl", seed=8),
+        "sentences": root / "sentences.jsonl",
+    }
+
+
+def write_config(tiny_dir, texts, path):
+    cfg = {
+        "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
+        "calibration": {
+            "dataset": str(texts["calibration"]),
+            "pool_size": 32,
+            "block_len": 32,
+            "n_samples": 6,
+            "embedder": "model",
+            "n_clusters": 3,
+        },
+        "search": {
+            "population": 6,
+            "generations": 4,
+            "patience": 10,
+            "evopress_generations": 3,
+            "evopress_offspring": 4,
+            "exhaustive_limit": 100,
+        },
+        "fitness": {"batch_size": 4},
+        "evaluation": {
+            "heldout": [str(texts["news"]), str(texts["books"])],
+            "block_len": 32,
+            "max_blocks": 4,
+            "tasks": ["evop_lastword"],
+            "task_source": str(texts["sentences"]),
+            "task_examples": 8,
+        },
+        "output_dir": str(path.parent / "out"),
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+ARGS = ["--sparsities", "0.25,0.375", "--ablation-seeds", "0,1", "--optimum-k", "2", "--optimum-seeds", "0,1"]
+
+
+def test_compare_writes_every_table_and_resumes_without_rescoring(
+    tiny_dir, texts, tmp_path, capsys, monkeypatch
+):
+    config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(config), "--out", str(out), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    table = (out / TABLE_FILE).read_text()
+    assert table in printed
+    report = json.loads((out / COMPARE_FILE).read_text())
+    units = report["units"]
+
+    # Main table: every method at both sparsities, judged on both held-out domains.
+    for sparsity, k in ((0.25, 2), (0.375, 3)):
+        for method in ("evop", "sleb", "shortgpt", "ppl-oneshot", "evopress", "random"):
+            row = units[f"main/{method}/{sparsity}"]
+            assert row["k"] == k and len(row["removed_layers"]) == k
+            assert set(row["heldout_ppl"]) == {"news", "books"}
+            assert row["calib_fitness"] > 0 and row["evaluations"] >= 1 and row["search_seconds"] >= 0
+            assert f"| {method} | {','.join(map(str, row['removed_layers']))} |" in table
+        # Equal budgets: random scores exactly as many patterns as EvoP did.
+        assert (
+            units[f"main/random/{sparsity}"]["evaluations"] == units[f"main/evop/{sparsity}"]["evaluations"]
+        )
+        # Same calibration set and fitness: SLEB's greedy pattern can not beat exhaustive, and
+        # no method beats the best of them all on the calibration fitness it optimised.
+        assert units[f"main/sleb/{sparsity}"]["calibration"] == units[f"main/evop/{sparsity}"]["calibration"]
+    assert units["dense"]["heldout_ppl"]["news"] > 0
+
+    # Ablation: both samplers for both seeds, on their own calibration sets.
+    for sampler in ("ccds", "random"):
+        for seed in (0, 1):
+            row = units[f"ablation/{sampler}/{seed}"]
+            assert row["calibration"] == f"{sampler}-seed{seed}" and row["k"] == 2
+    assert "CCDS vs random calibration sampling" in table and "ccds mean ± std" in table
+    assert "EvoP's GA vs SLEB's greedy search" in table
+
+    # Optimum: exhaustive scored all C(6, 2) patterns and nothing beats it.
+    best = units["optimum/exhaustive/2"]
+    assert best["evaluations"] == math.comb(6, 2)
+    for key, row in units.items():
+        if key.startswith("optimum/") and row["k"] == 2:
+            assert row["calib_fitness"] >= best["calib_fitness"] - 1e-9
+    assert "found the optimum" in table and "random, same budget" in table
+
+    # A re-run (e.g. after a crash) reads every finished result and scores nothing.
+    calls = []
+    original = PatternScorer.__call__
+    monkeypatch.setattr(PatternScorer, "__call__", lambda self, p: calls.append(p) or original(self, p))
+    assert main(["compare", "--config", str(config), "--out", str(out), *ARGS]) == 0
+    assert calls == []
+    assert json.loads((out / COMPARE_FILE).read_text())["units"] == units
+
+
+def test_compare_resumes_from_the_score_memo_after_a_crash(tiny_dir, texts, tmp_path, monkeypatch):
+    config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--methods",
+        "evop,sleb",
+        "--sparsities",
+        "0.25",
+        "--ablation-seeds",
+        "",
+        "--optimum-k",
+        "0",
+    ]
+    assert main(args) == 0
+    report = json.loads((out / COMPARE_FILE).read_text())
+    # Lose the finished results but keep the memo: the re-run replays without scoring.
+    (out / COMPARE_FILE).unlink()
+    calls = []
+    original = PatternScorer.__call__
+    monkeypatch.setattr(PatternScorer, "__call__", lambda self, p: calls.append(p) or original(self, p))
+    assert main(args) == 0
+    again = json.loads((out / COMPARE_FILE).read_text())
+    # Held-out scores were in compare.json (lost): one call per pattern and domain. Calibration
+    # scores were in the memo: none.
+    patterns = {r["pattern"] for r in report["units"].values() if r["pattern"]}
+    assert len(calls) == 2 * len(patterns)
+    for key in ("main/evop/0.25", "main/sleb/0.25"):
+        assert again["units"][key]["pattern"] == report["units"][key]["pattern"]
+        assert again["units"][key]["evaluations"] == report["units"][key]["evaluations"]
+
+
+def test_compare_with_lm_eval_scores_each_pattern(tiny_dir, texts, tmp_path):
+    config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--methods",
+        "shortgpt,ppl-oneshot",
+        "--sparsities",
+        "0.25",
+        "--ablation-seeds",
+        "",
+        "--optimum-k",
+        "0",
+        "--lm-eval",
+    ]
+    assert main(args) == 0
+    units = json.loads((out / COMPARE_FILE).read_text())["units"]
+    for key in ("dense", "main/shortgpt/0.25", "main/ppl-oneshot/0.25"):
+        assert 0 <= units[key]["downstream"]["evop_lastword"] <= 1
+
+
+def test_compare_refuses_bad_specs_and_reports_refused_searches(tiny_dir, texts, tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown search method"):
+        CompareSpec(methods=["evop", "magic"])
+    config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
+    args = [
+        "compare",
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path / "cmp"),
+        "--methods",
+        "exhaustive",
+        "--sparsities",
+        "0.5",
+        "--ablation-seeds",
+        "",
+        "--optimum-k",
+        "0",
+        "search.exhaustive_limit=5",
+    ]
+    assert main(args) == 0
+    assert "refused: exhaustive search over C(6, 4) = 15 patterns exceeds search.exhaustive_limit=5" in (
+        capsys.readouterr().out
+    )
