@@ -198,6 +198,12 @@ class EvaluationConfig(_Section):
     )
     block_len: int = Field(256, ge=8, description="Tokens per held-out window (non-overlapping).")
     max_blocks: int | None = Field(16, ge=1, description="Held-out windows per source (None: all).")
+    stride: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens between held-out window starts (None: block_len, non-overlapping). Below "
+        "block_len, windows overlap and each scores only its last `stride` tokens, the rest is context.",
+    )
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
     tasks: list[str] = Field(
         default_factory=lambda: ["evop_lastword", "evop_continuation"],
@@ -217,6 +223,12 @@ class EvaluationConfig(_Section):
     speed_runs: int = Field(3, ge=1, description="Timed runs per model (after one warm-up).")
     prompt_len: int = Field(128, ge=1, description="Prompt tokens of the speed benchmark.")
     new_tokens: int = Field(32, ge=1, description="Generated tokens of the speed benchmark.")
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> "EvaluationConfig":
+        if self.stride is not None and self.stride > self.block_len:
+            raise ValueError(f"stride ({self.stride}) exceeds block_len ({self.block_len})")
+        return self
 
 
 class RegistryConfig(_Section):

@@ -416,12 +416,12 @@ def evaluate_perplexity(cfg: EvoPConfig, pruned_dir: str) -> dict[str, dict[str,
     Returns:
         ``{"dense": {set: ppl}, "pruned": {set: ppl}}``.
     """
-    from evop.evaluation import perplexities, text_blocks
+    from evop.evaluation import heldout_set, perplexities
 
     run = Run(cfg)
     e = cfg.evaluation
     name = _evaluation_name(
-        "perplexity", pruned_dir, e.model_dump_json(include={"heldout", "block_len", "max_blocks"})
+        "perplexity", pruned_dir, e.model_dump_json(include={"heldout", "block_len", "max_blocks", "stride"})
     )
     saved = run.get_json(name)
     if saved is not None:
@@ -429,7 +429,9 @@ def evaluate_perplexity(cfg: EvoPConfig, pruned_dir: str) -> dict[str, dict[str,
     dense_model, tokenizer = cached_model(cfg)
     sets = {"calibration": _require_tensor(run, BLOCKS)}
     for source in e.heldout:
-        sets[source.removeprefix("evop-assets:")] = text_blocks(source, tokenizer, e.block_len, e.max_blocks)
+        sets[source.removeprefix("evop-assets:")] = heldout_set(
+            source, tokenizer, e.block_len, e.max_blocks, e.stride
+        )
     start = time.perf_counter()
     scores = {
         "dense": perplexities(dense_model, sets, e.batch_size),
@@ -526,6 +528,45 @@ def measure_speed(cfg: EvoPConfig, pruned_dir: str) -> dict[str, Any] | None:
     # Timings are measurements of this machine now: stored for the record, never reused.
     run = Run(cfg)
     run.put_json(_evaluation_name("speed", pruned_dir, str(time.time())), report)
+    return report
+
+
+def write_report(
+    cfg: EvoPConfig,
+    result: dict[str, Any],
+    perplexity: dict[str, dict[str, float]],
+    downstream: dict[str, Any] | None,
+    speed: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``<output_dir>/result.json`` with the evaluation added, and the plots beside it.
+
+    The search's ``result.json`` in the store stays as it was; the copy in ``output_dir`` gains
+    ``evaluation`` (perplexities, lm-eval scores per task with stderr and their mean, speed) and
+    ``plots`` (PNG paths: fitness per generation, layer removal frequency in the final population).
+
+    Returns:
+        The enriched result.
+    """
+    from evop.experiment import RESULT_FILE, write_json_atomic
+    from evop.plots import fitness_curve, layer_removal_frequency
+
+    out = Path(cfg.output_dir)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    state = Run(cfg).checkpoints.latest() if result.get("method", "evop") == "evop" else None
+    population = state.population if state is not None else [result["pattern"]]
+    paths = {
+        "fitness_curve": fitness_curve(result.get("history", []), plots / "fitness_curve.png"),
+        "layer_removal_frequency": layer_removal_frequency(
+            population, int(result["num_layers"]), plots / "layer_removal_frequency.png"
+        ),
+    }
+    report = {
+        **result,
+        "evaluation": {"perplexity": perplexity, "downstream": downstream, "speed": speed},
+        "plots": {name: str(path) for name, path in paths.items()},
+    }
+    write_json_atomic(out / RESULT_FILE, report)
     return report
 
 

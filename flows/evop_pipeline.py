@@ -1,8 +1,9 @@
 """The EvoP pipeline as a resumable Prefect flow.
 
     segment-dataset -> embed-pool -> sample-calibration-set
-      -> run-generation x G (each checkpointed to the store) -> finalize-search
-      -> prune-model -> evaluate-perplexity
+      -> run-generation x G (each checkpointed to the store)   [or run-baseline: sleb, shortgpt, ...]
+      -> finalize-search -> prune-model -> evaluate-perplexity -> score-downstream (lm-eval)
+      -> measure-speed -> write-report (result.json + plots) -> register-model (MLflow)
 
 Every step is idempotent against the checkpoint store (file:// or s3://), so re-running the flow
 with the same config (a new run, a flow retry, the UI's Retry, another machine) skips finished
@@ -29,7 +30,7 @@ from prefect.context import get_run_context
 from evop.config import EvoPConfig
 from evop.pipeline import Run, final_metrics
 from tasks.calibration import embed_pool, sample_calibration_set, segment_dataset
-from tasks.evaluation import evaluate_perplexity, measure_speed, score_downstream
+from tasks.evaluation import evaluate_perplexity, measure_speed, score_downstream, write_report
 from tasks.pruning import prune_model
 from tasks.registry import register_model
 from tasks.search import finalize_search, run_baseline, run_generation, search_status
@@ -147,13 +148,18 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
         perplexity = evaluate_perplexity(config, pruned_dir)
         downstream = score_downstream(config, pruned_dir)
         speed = measure_speed(config, pruned_dir)
+        report = write_report(config, result, perplexity, downstream, speed)
+        create_markdown_artifact(
+            _plots_markdown(report), key=_artifact_key(config, "plots"), description="Plots of the search"
+        )
 
     metrics = final_metrics(perplexity, downstream, speed)
     flow_run = get_run_context().flow_run
-    registered = register_model(config, result, pruned_dir, metrics, str(flow_run.id) if flow_run else None)
+    registered = register_model(config, report, pruned_dir, metrics, str(flow_run.id) if flow_run else None)
     summary = {
         "result": result,
         "pruned_model": pruned_dir,
+        "plots": report["plots"],
         "perplexity": perplexity,
         "downstream": downstream,
         "speed": speed,
@@ -167,6 +173,21 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
     }
     create_markdown_artifact(_summary_markdown(summary), key=_artifact_key(config, "summary"))
     return summary
+
+
+def _plots_markdown(report: dict[str, Any]) -> str:
+    """The run's PNG plots inlined as data URIs: the Prefect UI renders them in the artifact."""
+    import base64
+    from pathlib import Path
+
+    titles = {"fitness_curve": "Fitness per generation (best and mean)",
+              "layer_removal_frequency": "How often each layer is removed in the final population"}  # fmt: skip
+    lines = [f"# Plots: {report['base_model']}, removed {report['removed_layers']}"]
+    for name, path in report["plots"].items():
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        lines += ["", f"## {titles.get(name, name)}", "", f"![{name}](data:image/png;base64,{data})", "",
+                  f"`{path}`"]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _baseline_rows(outcome: dict[str, Any]) -> list[dict[str, Any]]:

@@ -27,3 +27,15 @@ def score_downstream(config: EvoPConfig, pruned_dir: str) -> dict[str, Any] | No
 def measure_speed(config: EvoPConfig, pruned_dir: str) -> dict[str, Any] | None:
     """Prefill and decode speed, dense vs pruned, side by side (None when disabled)."""
     return pipeline.measure_speed(config, pruned_dir)
+
+
+@task(name="write-report", cache_policy=STORE_IS_THE_CACHE)
+def write_report(
+    config: EvoPConfig,
+    result: dict[str, Any],
+    perplexity: dict[str, dict[str, float]],
+    downstream: dict[str, Any] | None,
+    speed: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``result.json`` in the output directory with the evaluation and the plots added."""
+    return pipeline.write_report(config, result, perplexity, downstream, speed)

@@ -111,6 +111,15 @@ def test_progress_artifacts_reach_the_api(prefect_api, tiny_dir, text_file, tmp_
     assert asyncio.run(latest(f"evop-progress-{h}"))
     summary = asyncio.run(latest(f"evop-summary-{h}"))
     assert summary and "Removed layers" in summary[-1].data
+    plots = asyncio.run(latest(f"evop-plots-{h}"))
+    assert plots and plots[-1].data.count("](data:image/png;base64,iVBORw0KGgo") == 2  # two inline PNGs
+
+    # result.json in the output directory carries the evaluation and the plots too.
+    report = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert set(report["evaluation"]) == {"perplexity", "downstream", "speed"}
+    assert report["evaluation"]["perplexity"]["pruned"]["calibration"] > 0
+    for path in report["plots"].values():
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_flow_with_s3_checkpoints(prefect_api, s3_env, tiny_dir, text_file, tmp_path, reference):
@@ -298,9 +307,11 @@ def test_flow_scores_lm_eval_speed_and_registers_in_mlflow(
     cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", evaluation=evaluation, registry={"enabled": True},
                    generations=1)  # fmt: skip
     summary = evop_pipeline(config=cfg)
+    report = json.loads((tmp_path / "run" / "result.json").read_text())
     for label in ("dense", "pruned"):
         for task in ("evop_lastword", "evop_continuation"):
             assert 0 <= summary["downstream"][label][task]["acc"] <= 1
+            assert report["evaluation"]["downstream"][label][task] == summary["downstream"][label][task]
     assert summary["speed"]["ideal"]["compute"] == pytest.approx(8 / 5)
     assert summary["speed"]["ratios"]["decode_speedup"] > 0
     assert 0 < summary["speed"]["pruned"]["checkpoint_bytes"] < summary["speed"]["dense"]["checkpoint_bytes"]
