@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 from evop.config import SearchConfig
 from evop.patterns import Pattern
-from evop.search import GeneticSearch, SearchState, random_pattern, resolve_protected, swap_mutation
+from evop.search import (
+    GeneticSearch,
+    SearchState,
+    influence_prior,
+    random_pattern,
+    resolve_protected,
+    swap_mutation,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -267,12 +274,8 @@ def shortgpt(
         influence_seconds: Time it took to measure ``influence`` (added to the outcome's time).
     """
     start = time.perf_counter()
-    if len(influence) != num_layers:
-        raise ValueError(f"need one Block Influence per layer ({num_layers}), got {len(influence)}")
     f = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
-    candidates = removable_layers(num_layers, protected, k)
-    chosen = sorted(candidates, key=lambda c: (influence[c], c))[:k]
-    pattern = Pattern.of(num_layers, chosen)
+    pattern = lowest_influence(influence, num_layers, k, protected)
     value = f(pattern)
     history = [{"step": 1, "best_fitness": value, "best_pattern": str(pattern), "evaluations": f.evaluations}]
     seconds = time.perf_counter() - start + influence_seconds
@@ -285,6 +288,16 @@ def shortgpt(
         history=history,
         details={"block_influence": [round(float(x), 6) for x in influence]},
     )
+
+
+def lowest_influence(
+    influence: Sequence[float], num_layers: int, k: int, protected: Sequence[int] = ()
+) -> Pattern:
+    """ShortGPT's pattern: the k removable layers of lowest Block Influence (ties: lower index)."""
+    if len(influence) != num_layers:
+        raise ValueError(f"need one Block Influence per layer ({num_layers}), got {len(influence)}")
+    candidates = removable_layers(num_layers, protected, k)
+    return Pattern.of(num_layers, sorted(candidates, key=lambda c: (influence[c], c))[:k])
 
 
 def random_search(
@@ -433,14 +446,72 @@ def evopress(
     )
 
 
+def initial_patterns(
+    settings: SearchConfig,
+    num_layers: int,
+    k: int,
+    fitness: FitnessFn,
+    influence: Callable[[], Sequence[float]] | None = None,
+) -> list[Pattern]:
+    """The heuristic patterns ``settings.initial_patterns`` asks to seed EvoP's population with.
+
+    A GA started only from random patterns spends most of a small budget finding the region a
+    cheap heuristic points at; seeding it keeps the search global (the rest of the population is
+    random) while guaranteeing it never ends worse than the seeds on its own fitness.
+
+    Raises:
+        ValueError: if ``shortgpt`` is asked for without ``influence``.
+    """
+    seeds = []
+    for name in settings.initial_patterns:
+        if name == "shortgpt":
+            if influence is None:
+                raise ValueError(
+                    "initial pattern 'shortgpt' needs the model's Block Influence (influence=...)"
+                )
+            seeds.append(lowest_influence(influence(), num_layers, k, settings.protected_layers))
+        elif name == "ppl-oneshot":
+            seeds.append(ppl_oneshot(fitness, num_layers, k, settings.protected_layers).pattern)
+        else:
+            raise ValueError(f"unknown initial pattern source {name!r} (use 'shortgpt' or 'ppl-oneshot')")
+    return seeds
+
+
 def genetic(
-    fitness: FitnessFn, num_layers: int, k: int, settings: SearchConfig, seed_patterns: Sequence[Pattern] = ()
+    fitness: FitnessFn,
+    num_layers: int,
+    k: int,
+    settings: SearchConfig,
+    seed_patterns: Sequence[Pattern] = (),
+    influence: Callable[[], Sequence[float]] | None = None,
 ) -> Outcome:
-    """EvoP's GA (:class:`~evop.search.GeneticSearch`) run to the end, as an :class:`Outcome`."""
+    """EvoP's GA (:class:`~evop.search.GeneticSearch`) run to the end, as an :class:`Outcome`.
+
+    The initial population holds ``seed_patterns`` plus those of ``settings.initial_patterns``;
+    evaluations count every distinct pattern scored, the seeding's included.
+    """
     start = time.perf_counter()
     f = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
-    state = GeneticSearch(num_layers, k, settings, fitness=f, seed_patterns=seed_patterns).run()
-    return outcome_of_state(state, time.perf_counter() - start)
+    measured: list[list[float]] = []
+
+    def once() -> list[float]:  # one dense forward serves the seed and the mutation prior
+        if not measured:
+            if influence is None:
+                raise ValueError(
+                    "EvoP's 'shortgpt' seed and 'block-influence' mutation prior need the model's Block "
+                    "Influence (influence=...); set search.initial_patterns=[] and "
+                    "search.mutation_prior=none to search without it"
+                )
+            measured.append(list(influence()))
+        return measured[0]
+
+    seeds = [*seed_patterns, *initial_patterns(settings, num_layers, k, f, once)]
+    prior = influence_prior(once()) if settings.mutation_prior == "block-influence" else None
+    state = GeneticSearch(num_layers, k, settings, fitness=f, seed_patterns=seeds, layer_prior=prior).run()
+    outcome = outcome_of_state(state, time.perf_counter() - start)
+    outcome.evaluations = f.evaluations
+    outcome.details["initial_patterns"] = [str(p) for p in seeds]
+    return outcome
 
 
 def outcome_of_state(state: SearchState, seconds: float) -> Outcome:
@@ -499,7 +570,7 @@ def run_method(
     method = settings.method
     protected = settings.protected_layers
     if method == "evop":
-        return genetic(fitness, num_layers, k, settings)
+        return genetic(fitness, num_layers, k, settings, influence=influence)
     if method == "sleb":
         return sleb(fitness, num_layers, k, protected)
     if method == "ppl-oneshot":

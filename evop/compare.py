@@ -46,7 +46,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAIN_METHODS = ("evop", "sleb", "shortgpt", "ppl-oneshot", "evopress", "random")
+MAIN_METHODS = ("evop", "evop-random-init", "sleb", "shortgpt", "ppl-oneshot", "evopress", "random")
+UNSEEDED = "evop-random-init"
+"""EvoP's GA without heuristic seeds (``search.initial_patterns: []``): what seeding buys."""
 COMPARE_FILE = "compare.json"
 TABLE_FILE = "compare.md"
 MEMO_SAVE_SECONDS = 60.0
@@ -77,7 +79,7 @@ class CompareSpec:
     def __post_init__(self) -> None:
         from evop.baselines import METHODS
 
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in (*METHODS, UNSEEDED)]
         if unknown:
             raise ValueError(f"unknown search method(s) {unknown}; choose from {', '.join(METHODS)}")
         bad = [s for s in self.sparsities if not 0 < s < 1]
@@ -136,6 +138,9 @@ class Comparison:
         self._memos: dict[str, _Memo] = {}
         self._heldout: dict[str, PatternScorer] | None = None
         self._heldout_memo: dict[str, dict[str, float | None]] = {}
+        self._heldout_path = self.out / f"heldout-{self._heldout_key()}.json"
+        if self._heldout_path.is_file():
+            self._heldout_memo = json.loads(self._heldout_path.read_text())
         self.results = self._load_results()
 
     # ------------------------------------------------------------------ state on disk
@@ -154,6 +159,15 @@ class Comparison:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
+    def _heldout_key(self) -> str:
+        """Held-out scores depend on the model and the held-out windows only: they outlive a
+        changed search or calibration config."""
+        import hashlib
+
+        e = self.cfg.evaluation
+        payload = [self.cfg.model.model_dump(mode="json"), e.heldout, e.block_len, e.max_blocks]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
     def _load_results(self) -> dict[str, Any]:
         path = self.out / COMPARE_FILE
         fresh = {"fingerprint": self.fingerprint(), "units": {}, "heldout_scores": {}}
@@ -163,12 +177,11 @@ class Comparison:
         if data.get("fingerprint") != fresh["fingerprint"]:
             log.warning("%s is from another configuration; starting a new comparison", path)
             return fresh
-        self._heldout_memo = data.get("heldout_scores", {})
         log.info("resuming the comparison in %s (%d results done)", self.out, len(data.get("units", {})))
         return {**fresh, "units": data.get("units", {})}
 
     def _save(self) -> None:
-        self.results["heldout_scores"] = self._heldout_memo
+        write_json_atomic(self._heldout_path, self._heldout_memo)
         write_json_atomic(self.out / COMPARE_FILE, self.report())
         (self.out / TABLE_FILE).write_text(render_markdown(self.report()))
 
@@ -280,9 +293,10 @@ class Comparison:
     def search(
         self, method: str, k: int, calib: str, seed: int | None = None, budget: int | None = None
     ) -> Outcome:
-        settings = self.cfg.search.model_copy(
-            update={"method": method, "seed": self.cfg.search.seed if seed is None else seed}
-        )
+        update: dict[str, Any] = {"method": method, "seed": self.cfg.search.seed if seed is None else seed}
+        if method == UNSEEDED:
+            update.update(method="evop", initial_patterns=[])
+        settings = self.cfg.search.model_copy(update=update)
         full = self.fitness(calib)
         cheap = self.fitness(calib, cheap=True) if method == "evopress" else None
         blocks = self._calibration[calib][0]
@@ -295,6 +309,7 @@ class Comparison:
             return scores
 
         outcome = run_method(settings, self.num_layers, k, full, cheap, influence, budget)
+        outcome.method = method
         # What the method would have cost alone: scoring time of every pattern it asked for.
         outcome.details["search_seconds"] = round(
             full.seconds + (cheap.seconds if cheap else 0.0) + influence_seconds[0], 2
@@ -579,7 +594,11 @@ def _greedy_markdown(report: dict[str, Any], names: list[str], metric: str) -> l
         "|" + " --- |" * (5 + len(names)),
     ]
     for s, ga, greedy in pairs:
-        for label, r in (("GA (evop)", ga), ("greedy (sleb)", greedy)):
+        searches = [("GA (evop)", ga), ("greedy (sleb)", greedy)]
+        unseeded = units.get(f"main/{UNSEEDED}/{s}")
+        if unseeded and "skipped" not in unseeded:
+            searches.insert(1, ("GA, random initial population", unseeded))
+        for label, r in searches:
             lines.append(
                 f"| {s:.0%} | {label} | {_f(r['calib_fitness'])} | "
                 + " | ".join(_f(r["heldout_ppl"][n]) for n in names)

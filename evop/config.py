@@ -119,10 +119,28 @@ class SearchConfig(_Section):
     mutation_rate: float = Field(0.9, ge=0, le=1, description="Probability a child is mutated.")
     max_swaps: int = Field(3, ge=1, description="Most swap mutations applied to one child.")
     elitism: int = Field(2, ge=1, description="Best patterns copied unchanged into the next generation.")
+    survivors: Literal["generational", "plus"] = Field(
+        "generational",
+        description="'generational': the elites and the children replace the population (keeps "
+        "exploring); 'plus': the best `population` of parents and children survive ((mu + lambda), "
+        "converges faster, and on the demo model stalled at its seed).",
+    )
     max_attempts: int = Field(
         50, ge=1, description="Tries per child to produce a pattern not yet seen before giving up."
     )
     seed: int = Field(0, description="Seed of the search.")
+    initial_patterns: list[Literal["shortgpt", "ppl-oneshot"]] = Field(
+        default_factory=lambda: ["shortgpt"],
+        description="Heuristic patterns placed in EvoP's initial population next to random ones: "
+        "'shortgpt' (lowest Block Influence, one dense forward), 'ppl-oneshot' (least harmful single "
+        "layers, L more evaluations). []: a random initial population only.",
+    )
+    mutation_prior: Literal["block-influence", "none"] = Field(
+        "block-influence",
+        description="'block-influence': swap mutation prefers removing layers of low Block Influence "
+        "(from the same dense forward as the 'shortgpt' seed) and putting back layers of high; "
+        "'none': uniform swaps.",
+    )
     budget: int | None = Field(
         None,
         ge=1,

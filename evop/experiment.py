@@ -33,6 +33,38 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _result(
+    cfg: EvoPConfig,
+    method: str,
+    best: Pattern,
+    fitness: float,
+    dense_fitness: float,
+    calibration: dict[str, Any],
+    wall_time_s: float,
+    **search: Any,
+) -> dict[str, Any]:
+    """The ``result.json`` fields every search method shares, with ``search`` (evaluations,
+    generations, stop_reason, history, ...) in their place."""
+    return {
+        "method": method,
+        "base_model": cfg.model.name_or_path,
+        "num_layers": best.num_layers,
+        "removed_layers": list(best.removed),
+        "kept_layers": list(best.kept),
+        "pattern": str(best),
+        "sparsity": best.sparsity,
+        "fitness_metric": cfg.fitness.metric,
+        "fitness": finite_or_none(fitness),
+        "dense_fitness": finite_or_none(dense_fitness),
+        **search,
+        "seed": cfg.search.seed,
+        "calibration": calibration,
+        "wall_time_s": round(wall_time_s, 3),
+        "config_hash": cfg.search_hash(),
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
 def build_result(
     cfg: EvoPConfig,
     state: SearchState,
@@ -40,76 +72,37 @@ def build_result(
     calibration: dict[str, Any],
     wall_time_s: float,
 ) -> dict[str, Any]:
-    """The ``result.json`` contract read by ``evop prune`` and the pipeline."""
-    best = Pattern.parse(state.best) if state.best else None
-    if best is None:
+    """The ``result.json`` contract read by ``evop prune`` and the pipeline (EvoP's GA)."""
+    if state.best is None:
         raise RuntimeError("the search finished without a best pattern")
-    return {
-        "method": "evop",
-        "base_model": cfg.model.name_or_path,
-        "num_layers": best.num_layers,
-        "removed_layers": list(best.removed),
-        "kept_layers": list(best.kept),
-        "pattern": str(best),
-        "sparsity": best.sparsity,
-        "fitness_metric": cfg.fitness.metric,
-        "fitness": finite_or_none(state.best_fitness),
-        "dense_fitness": finite_or_none(dense_fitness),
-        "evaluations": state.evaluations,
-        "generations": state.generation,
-        "stop_reason": state.stop_reason,
-        "seed": cfg.search.seed,
-        "calibration": calibration,
-        "history": [
-            {k: h[k] for k in ("generation", "best_fitness", "mean_fitness", "evaluations", "seconds")}
-            | {"best_pattern": h.get("best_pattern")}
-            for h in state.history
-        ],
-        "wall_time_s": round(wall_time_s, 3),
-        "config_hash": cfg.search_hash(),
-        "config": cfg.model_dump(mode="json"),
-    }
+    history = [
+        {k: h[k] for k in ("generation", "best_fitness", "mean_fitness", "evaluations", "seconds")}
+        | {"best_pattern": h.get("best_pattern")}
+        for h in state.history
+    ]
+    return _result(
+        cfg, "evop", Pattern.parse(state.best), state.best_fitness, dense_fitness, calibration, wall_time_s,
+        evaluations=state.evaluations, generations=state.generation, stop_reason=state.stop_reason,
+        history=history,
+    )  # fmt: skip
 
 
 def build_outcome_result(
     cfg: EvoPConfig, outcome: "Outcome", dense_fitness: float, calibration: dict[str, Any]
 ) -> dict[str, Any]:
     """The ``result.json`` contract for a baseline method's :class:`~evop.baselines.Outcome`:
-    the same keys as :func:`build_result`, one history entry per round or generation."""
-    best = outcome.pattern
-    return {
-        "method": outcome.method,
-        "base_model": cfg.model.name_or_path,
-        "num_layers": best.num_layers,
-        "removed_layers": list(best.removed),
-        "kept_layers": list(best.kept),
-        "pattern": str(best),
-        "sparsity": best.sparsity,
-        "fitness_metric": cfg.fitness.metric,
-        "fitness": finite_or_none(outcome.fitness),
-        "dense_fitness": finite_or_none(dense_fitness),
-        "evaluations": outcome.evaluations,
-        "cheap_evaluations": outcome.cheap_evaluations,
-        "generations": len(outcome.history),
-        "stop_reason": "finished",
-        "seed": cfg.search.seed,
-        "calibration": calibration,
-        "history": [
-            {
-                "generation": h["step"],
-                "best_fitness": finite_or_none(h["best_fitness"]),
-                "mean_fitness": None,
-                "evaluations": h["evaluations"],
-                "seconds": None,
-                "best_pattern": h["best_pattern"],
-            }
-            for h in outcome.history
-        ],
-        "details": outcome.details,
-        "wall_time_s": round(outcome.seconds, 3),
-        "config_hash": cfg.search_hash(),
-        "config": cfg.model_dump(mode="json"),
-    }
+    the same keys as :func:`build_result` (plus ``cheap_evaluations`` and ``details``), one
+    history entry per round or generation."""
+    history = [
+        {"generation": h["step"], "best_fitness": finite_or_none(h["best_fitness"]), "mean_fitness": None,
+         "evaluations": h["evaluations"], "seconds": None, "best_pattern": h["best_pattern"]}
+        for h in outcome.history
+    ]  # fmt: skip
+    return _result(
+        cfg, outcome.method, outcome.pattern, outcome.fitness, dense_fitness, calibration, outcome.seconds,
+        evaluations=outcome.evaluations, cheap_evaluations=outcome.cheap_evaluations,
+        generations=len(outcome.history), stop_reason="finished", history=history, details=outcome.details,
+    )  # fmt: skip
 
 
 def run_search(

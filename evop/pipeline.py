@@ -13,6 +13,7 @@ Store layout under ``<store>/<run prefix>/``::
     calibration/sample.json             the drawn indices and the CCDS summary
     calibration/blocks.safetensors      the calibration blocks (n, T)
     generations/gen-000003.json         search state after generation 3 (+ manifest.json)
+    search/initial_patterns.json        heuristic patterns seeding EvoP's initial population
     search/memo.json                    a baseline method's scores so far (resume replays them)
     search/outcome.json                 a baseline method's finished search
     result.json                         the finished search (the ``result.json`` contract)
@@ -43,6 +44,7 @@ EMBEDDINGS = "calibration/embeddings.npy"
 SAMPLE = "calibration/sample.json"
 BLOCKS = "calibration/blocks.safetensors"
 RESULT = "result.json"
+INITIAL_PATTERNS = "search/initial_patterns.json"
 BASELINE_MEMO = "search/memo.json"
 BASELINE_OUTCOME = "search/outcome.json"
 MEMO_SAVE_SECONDS = 30.0  # how often a baseline's new scores are written to the store
@@ -235,13 +237,59 @@ def _require_tensor(run: Run, name: str) -> "torch.Tensor":
 
 def _search(run: Run):
     from evop.models import num_layers
-    from evop.patterns import layers_to_remove
+    from evop.patterns import Pattern, layers_to_remove
     from evop.search import GeneticSearch
 
     scorer = cached_scorer(run)
     n = num_layers(scorer.model)
     k = layers_to_remove(n, run.cfg.search.sparsity, run.cfg.search.num_remove)
-    return GeneticSearch(n, k, run.cfg.search, fitness=scorer)
+    from evop.search import influence_prior
+
+    initial = initial_patterns(run.cfg)
+    seeds = [Pattern.parse(p) for p in initial["patterns"]]
+    prior = influence_prior(initial["block_influence"]) if initial.get("block_influence") else None
+    return GeneticSearch(n, k, run.cfg.search, fitness=scorer, seed_patterns=seeds, layer_prior=prior)
+
+
+def initial_patterns(cfg: EvoPConfig) -> dict[str, Any]:
+    """The heuristic patterns seeding EvoP's initial population (``search.initial_patterns``) and
+    the Block Influence behind its mutation prior, computed once and kept in the store, so every
+    resume continues the same search.
+
+    Returns:
+        ``patterns`` (pattern strings), ``block_influence`` (per layer, or None when the mutation
+        prior is off), ``evaluations`` (patterns scored only to find them, e.g.
+        the single-layer removals of ``ppl-oneshot``) and ``seconds``.
+    """
+    from evop.baselines import CountingFitness, block_influence
+    from evop.baselines import initial_patterns as heuristics
+    from evop.patterns import Pattern, layers_to_remove
+
+    run = Run(cfg)
+    saved = run.get_json(INITIAL_PATTERNS)
+    if saved is not None:
+        return saved
+    scorer = cached_scorer(run)
+    k = layers_to_remove(scorer.num_layers, cfg.search.sparsity, cfg.search.num_remove)
+    counting = CountingFitness(scorer)
+    start = time.perf_counter()
+    influence = None
+    if "shortgpt" in cfg.search.initial_patterns or cfg.search.mutation_prior == "block-influence":
+        influence = block_influence(scorer.model, scorer.blocks, cfg.fitness.batch_size)
+    seeds = heuristics(cfg.search, scorer.num_layers, k, counting, influence=lambda: influence)
+    data = {
+        "patterns": [str(p) for p in seeds],
+        "block_influence": influence if cfg.search.mutation_prior == "block-influence" else None,
+        # The seeds themselves are scored again by the GA (its memo counts them); the rest is extra.
+        "evaluations": sum(1 for p in counting.asked if Pattern.parse(p).k != k),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    run.put_json(INITIAL_PATTERNS, data)
+    if seeds:
+        log.info(
+            "initial population seeded with %s (%s)", data["patterns"], ", ".join(cfg.search.initial_patterns)
+        )
+    return data
 
 
 def search_status(cfg: EvoPConfig) -> dict[str, Any]:
@@ -381,8 +429,11 @@ def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
         if state is None or not state.done:
             raise RuntimeError(f"the search at {run.url()} is not finished")
         dense = cached_scorer(run).dense()
-        wall = sum(h["seconds"] for h in state.history)
+        seeding = run.get_json(INITIAL_PATTERNS) or {"patterns": [], "evaluations": 0, "seconds": 0.0}
+        wall = sum(h["seconds"] for h in state.history) + seeding["seconds"]
         result = build_result(cfg, state, dense, run.get_json(SAMPLE)["summary"], wall)
+        result["evaluations"] += seeding["evaluations"]
+        result["initial_patterns"] = seeding["patterns"]
         result["checkpoints"] = run.url()
         run.put_json(RESULT, result)
     out = Path(cfg.output_dir)

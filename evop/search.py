@@ -12,7 +12,8 @@ One generation of :class:`GeneticSearch`:
 3. a child already in the new population or already scored is re-drawn (up to ``max_attempts``
    tries), so evaluations are spent on unseen patterns;
 4. only never-seen patterns are scored (the fitness memo); a diverged score becomes ``inf``;
-5. the new population is elites + children, sorted by (fitness, pattern string).
+5. the new population is the best ``population`` of parents + children (``survivors: plus``, a
+   (mu + lambda) scheme) or of elites + children (``generational``), sorted by (fitness, pattern).
 
 The whole search lives in a :class:`SearchState` that serialises to strict JSON, so a crashed
 search resumes from its last checkpoint and ends exactly as the uninterrupted one would.
@@ -101,7 +102,13 @@ def swap_count(rng: random.Random, max_swaps: int) -> int:
     return rng.choices(counts, weights=[1.0 / s for s in counts])[0]
 
 
-def swap_mutation(rng: random.Random, pattern: Pattern, candidates: Sequence[int], max_swaps: int) -> Pattern:
+def swap_mutation(
+    rng: random.Random,
+    pattern: Pattern,
+    candidates: Sequence[int],
+    max_swaps: int,
+    prior: Sequence[float] | None = None,
+) -> Pattern:
     """Swap removed layers with kept candidate layers ``1..max_swaps`` times (few swaps likelier).
 
     Each swap puts back one removed layer and removes one kept candidate layer instead, so the
@@ -113,6 +120,10 @@ def swap_mutation(rng: random.Random, pattern: Pattern, candidates: Sequence[int
         pattern: The pattern to mutate.
         candidates: Layer indices that may be removed.
         max_swaps: Most swaps applied.
+        prior: Optional removability of every layer in ``(0, 1]`` (higher: likelier harmless to
+            remove, e.g. from Block Influence ranks). With it, the layer removed next is drawn in
+            proportion to its removability and the layer put back in proportion to the opposite;
+            every candidate keeps a nonzero chance. Uniform draws without it.
 
     Returns:
         The mutated pattern (``pattern`` itself if no kept candidate exists to swap with).
@@ -122,8 +133,13 @@ def swap_mutation(rng: random.Random, pattern: Pattern, candidates: Sequence[int
     if not kept or not removed:
         return pattern
     for _ in range(swap_count(rng, max_swaps)):
-        out = rng.choice(sorted(removed))
-        into = rng.choice(sorted(kept))
+        if prior is None:
+            out = rng.choice(sorted(removed))
+            into = rng.choice(sorted(kept))
+        else:
+            back, add = sorted(removed), sorted(kept)
+            out = rng.choices(back, weights=[1.0 - prior[i] + 1.0 / len(prior) for i in back])[0]
+            into = rng.choices(add, weights=[prior[i] for i in add])[0]
         removed.remove(out)
         kept.remove(into)
         removed.add(into)
@@ -276,6 +292,18 @@ class SearchState:
 # --------------------------------------------------------------------------- search
 
 
+def influence_prior(influence: Sequence[float]) -> list[float]:
+    """Removability from ShortGPT's Block Influence: rank-based, ``1`` for the layer that changes
+    its input least down to ``1/L`` for the one that changes it most (ranks, not raw values, so
+    the prior does not depend on the scale of the scores)."""
+    n = len(influence)
+    order = sorted(range(n), key=lambda j: (influence[j], j))
+    prior = [0.0] * n
+    for rank, j in enumerate(order):
+        prior[j] = (n - rank) / n
+    return prior
+
+
 def resolve_protected(num_layers: int, protected: Sequence[int]) -> list[int]:
     """Turn protected layer indices (negative = from the end) into sorted indices in ``[0, L)``.
 
@@ -301,6 +329,8 @@ class GeneticSearch:
         fitness: Scores one pattern (lower is better).
         batch_fitness: Scores a list of patterns at once; give this *or* ``fitness``.
         seed_patterns: Patterns placed first in the initial population (e.g. baselines).
+        layer_prior: Removability of every layer in ``(0, 1]`` guiding swap mutation (see
+            :func:`swap_mutation`; :func:`influence_prior` makes one from Block Influence).
 
     Raises:
         ValueError: if not exactly one of ``fitness``/``batch_fitness`` is given, a protected
@@ -316,6 +346,7 @@ class GeneticSearch:
         fitness: FitnessFn | None = None,
         batch_fitness: BatchFitnessFn | None = None,
         seed_patterns: Sequence[Pattern] = (),
+        layer_prior: Sequence[float] | None = None,
     ) -> None:
         if (fitness is None) == (batch_fitness is None):
             raise ValueError("give exactly one of fitness or batch_fitness")
@@ -336,6 +367,11 @@ class GeneticSearch:
         self._fitness = fitness
         self._batch_fitness = batch_fitness
         self.seed_patterns = self._check_seeds(seed_patterns)
+        if layer_prior is not None and (
+            len(layer_prior) != num_layers or not all(0 < p <= 1 for p in layer_prior)
+        ):
+            raise ValueError(f"layer_prior needs {num_layers} values in (0, 1], got {list(layer_prior)}")
+        self.layer_prior = None if layer_prior is None else [float(p) for p in layer_prior]
 
     def _check_seeds(self, seeds: Sequence[Pattern]) -> list[Pattern]:
         unique: list[Pattern] = []
@@ -387,7 +423,10 @@ class GeneticSearch:
         fresh = [p for p in pool if str(p) not in memo]
         for pattern, value in zip(fresh, self._score(fresh), strict=True):
             memo[str(pattern)] = value
-        ranked = sorted((str(p) for p in pool), key=lambda s: (memo[s], s))[: self.settings.population]
+        survivors = {str(p) for p in pool}
+        if state.generation >= 0 and self.settings.survivors == "plus":
+            survivors |= set(state.population)  # (mu + lambda): parents compete with their children
+        ranked = sorted(survivors, key=lambda s: (memo[s], s))[: self.settings.population]
 
         generation = state.generation + 1
         best, best_fitness, stall = state.best, state.best_fitness, state.stall
@@ -540,7 +579,7 @@ class GeneticSearch:
         if rng.random() < settings.crossover_rate:
             child = crossover(rng, child, self._select(rng, population))
         if rng.random() < settings.mutation_rate:
-            child = swap_mutation(rng, child, self.candidates, settings.max_swaps)
+            child = swap_mutation(rng, child, self.candidates, settings.max_swaps, self.layer_prior)
         return child
 
     def _select(self, rng: random.Random, population: list[Pattern]) -> Pattern:

@@ -82,8 +82,33 @@ def test_greedy_misses_an_interaction_that_exhaustive_and_the_ga_find():
     best = exhaustive(interacting, 10, 2).pattern
     assert best.removed == (2, 7)
     assert sleb(interacting, 10, 2).pattern.removed != (2, 7)
-    settings = SearchConfig(num_remove=2, protected_layers=[], population=8, generations=20, patience=20)
+    settings = SearchConfig(
+        num_remove=2,
+        protected_layers=[],
+        population=8,
+        generations=20,
+        patience=20,
+        initial_patterns=[],
+        mutation_prior="none",
+    )
     assert genetic(interacting, 10, 2, settings).pattern == best
+
+
+def test_seeded_ga_never_ends_worse_than_its_seeds_and_counts_their_cost():
+    # A tiny budget: 4 patterns, no generation after the first. Random patterns alone would not
+    # find the 3 cheapest layers; the ppl-oneshot seed is exactly them on a separable objective.
+    settings = SearchConfig(num_remove=3, protected_layers=[], population=4, generations=1, patience=1,
+                            initial_patterns=["ppl-oneshot", "shortgpt"])  # fmt: skip
+    influence = [-w for w in WEIGHTS]  # points at the 3 *dearest* layers
+    counter = Counter(separable)
+    outcome = genetic(counter, 10, 3, settings, influence=lambda: influence)
+    assert outcome.pattern.removed == cheapest(3)
+    seeds = outcome.details["initial_patterns"]
+    assert seeds == [str(Pattern.of(10, cheapest(3))), str(Pattern.of(10, (0, 2, 4)))]  # weights 9, 7, 8
+    assert outcome.evaluations == counter.calls  # the 10 single-layer removals are counted
+    assert outcome.evaluations >= 10 + 4
+    with pytest.raises(ValueError, match="Block Influence"):
+        genetic(separable, 10, 3, settings.model_copy(update={"initial_patterns": ["shortgpt"]}))
 
 
 def test_ppl_oneshot_removes_the_least_harmful_single_layers():
@@ -278,6 +303,22 @@ def test_every_baseline_writes_the_result_contract(method, tiny_dir, text_file, 
         assert result["evaluations"] == 5
     if method == "exhaustive":
         assert result["evaluations"] == math.comb(6, 2)
+
+
+def test_pipeline_seeds_the_ga_with_the_shortgpt_pattern_once(tiny_dir, text_file, tmp_path):
+    from evop.pipeline import INITIAL_PATTERNS
+
+    cfg = _cfg(tiny_dir, text_file, tmp_path / "run", population=6, generations=2)
+    result = run_search(cfg)
+    seeds = Run(cfg).get_json(INITIAL_PATTERNS)
+    assert seeds["evaluations"] == 0 and len(seeds["patterns"]) == 1
+    assert result["initial_patterns"] == seeds["patterns"]
+    assert (
+        result["fitness"] <= json.loads(Run(cfg).checkpoints.latest().to_json())["memo"][seeds["patterns"][0]]
+    )
+    unseeded = run_search(_cfg(tiny_dir, text_file, tmp_path / "plain", population=6, generations=2,
+                               initial_patterns=[]))  # fmt: skip
+    assert unseeded["initial_patterns"] == []
 
 
 def test_a_rerun_replays_saved_scores_instead_of_rescoring(tiny_dir, text_file, tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from evop.config import ConfigError, EvoPConfig, build_config, load_config
@@ -68,3 +70,10 @@ def test_search_hash_ignores_output_dir_only():
     b = build_config({"output_dir": "b"})
     c = build_config({"search": {"seed": 1}})
     assert a.search_hash() == b.search_hash() != c.search_hash()
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_config_is_valid(path):
+    assert load_config(path).output_dir

@@ -275,22 +275,9 @@ def test_library_log_lines_reach_the_flow_run_logs_once(
 
 @pytest.fixture(scope="module")
 def sentences_file(tmp_path_factory):
-    """Text with sentences (the offline lm-eval tasks are built from sentences)."""
-    import random
+    from tests.tiny_models import write_sentences
 
-    from tests.tiny_models import WORDS
-
-    rng = random.Random(1)
-    docs = [
-        " ".join(
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))).capitalize() + "."
-            for _ in range(8)
-        )
-        for _ in range(30)
-    ]
-    path = tmp_path_factory.mktemp("sentences") / "sentences.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path
+    return write_sentences(tmp_path_factory.mktemp("sentences") / "sentences.jsonl")
 
 
 def test_flow_scores_lm_eval_speed_and_registers_in_mlflow(

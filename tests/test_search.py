@@ -18,6 +18,7 @@ from evop.search import (
     GeneticSearch,
     SearchState,
     crossover,
+    influence_prior,
     random_pattern,
     swap_count,
     swap_mutation,
@@ -384,3 +385,49 @@ def test_random_pattern_is_within_candidates():
     for _ in range(100):
         pattern = random_pattern(rng, 10, [2, 3, 5, 7], 3)
         assert pattern.k == 3 and set(pattern.removed) <= {2, 3, 5, 7}
+
+
+@pytest.mark.parametrize("survivors", ["plus", "generational"])
+def test_survivor_schemes(survivors):
+    search = GeneticSearch(16, 4, search_config(survivors=survivors, generations=3), hashed_fitness)
+    state = search.step(search.initial_state())
+    for _ in range(3):
+        parents = state.population
+        state = search.step(state)
+        new = [p for p in state.memo if p not in parents]
+        if survivors == "plus":
+            # (mu + lambda): the population is the best of the parents and everything bred now.
+            pool = sorted(
+                set(parents) | set(state.population) | set(new[-7:]), key=lambda s: (state.memo[s], s)
+            )
+            assert state.population == pool[: len(state.population)]
+            assert max(state.memo[p] for p in state.population) <= max(state.memo[p] for p in parents)
+        else:
+            # Only the elites are sure to stay; the rest of the parents are replaced by children.
+            assert set(parents[:2]) <= set(state.population)
+
+
+def test_influence_prior_ranks_layers_by_block_influence():
+    assert influence_prior([0.5, 0.1, 0.9, 0.3]) == [0.5, 1.0, 0.25, 0.75]
+
+
+def test_prior_guided_swaps_prefer_removable_layers_and_keep_the_invariants():
+    rng = random.Random(0)
+    prior = [0.05] * 12
+    prior[7] = 1.0  # layer 7 is by far the most removable
+    start = Pattern.of(12, [1, 2, 3])
+    guided, uniform = Counter(), Counter()
+    for _ in range(2000):
+        child = swap_mutation(rng, start, list(range(1, 11)), 1, prior)
+        assert child.k == 3 and set(child.removed) <= set(range(1, 11))
+        guided.update(set(child.removed) - set(start.removed))
+        uniform.update(set(swap_mutation(rng, start, list(range(1, 11)), 1).removed) - set(start.removed))
+    assert guided[7] > 0.6 * 2000 and uniform[7] < 0.25 * 2000
+    assert sum(guided.values()) == 2000 and len(guided) > 1  # every kept layer keeps a chance
+
+
+def test_layer_prior_is_validated():
+    with pytest.raises(ValueError, match="layer_prior needs 16 values"):
+        GeneticSearch(16, 4, search_config(), hashed_fitness, layer_prior=[0.5] * 15)
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        GeneticSearch(16, 4, search_config(), hashed_fitness, layer_prior=[0.0] * 16)

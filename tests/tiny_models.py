@@ -127,3 +127,21 @@ def write_docs(path, n_docs: int = 60, seed: int = 0):
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 120))) for _ in range(n_docs)]
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
+
+
+def write_sentences(path, n_docs: int = 30, seed: int = 1):
+    """A .jsonl file of documents made of capitalised sentences (the offline lm-eval tasks are
+    built from sentences)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    docs = [
+        " ".join(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))).capitalize() + "."
+            for _ in range(8)
+        )
+        for _ in range(n_docs)
+    ]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
