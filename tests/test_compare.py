@@ -204,3 +204,22 @@ def test_compare_refuses_bad_specs_and_reports_refused_searches(tiny_dir, texts,
     assert "refused: exhaustive search over C(6, 4) = 15 patterns exceeds search.exhaustive_limit=5" in (
         capsys.readouterr().out
     )
+
+
+def test_the_benchmark_script_is_the_same_command(tiny_dir, texts, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
+    root = Path(__file__).resolve().parent.parent
+    args = [sys.executable, str(root / "benchmarks" / "compare.py"), "--config", str(config),
+            "--out", str(tmp_path / "cmp"), "--methods", "evop,random", "--sparsities", "0.25",
+            "--ablation-seeds", "", "--optimum-k", "0"]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| 25% (2/8) | random |" in done.stdout
+    assert (
+        json.loads((tmp_path / "cmp" / COMPARE_FILE).read_text())["units"]["main/random/0.25"]["evaluations"]
+        > 0
+    )
