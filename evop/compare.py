@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 MAIN_METHODS = ("evop", "evop-random-init", "sleb", "shortgpt", "ppl-oneshot", "evopress", "random")
 UNSEEDED = "evop-random-init"
 """EvoP's GA without heuristic seeds (``search.initial_patterns: []``): what seeding buys."""
+AT_SLEB_BUDGET = "evop-sleb-budget"
+"""EvoP's GA run for as many evaluations as SLEB used (at most): the two at equal cost."""
 COMPARE_FILE = "compare.json"
 TABLE_FILE = "compare.md"
 MEMO_SAVE_SECONDS = 60.0
@@ -296,6 +298,12 @@ class Comparison:
         update: dict[str, Any] = {"method": method, "seed": self.cfg.search.seed if seed is None else seed}
         if method == UNSEEDED:
             update.update(method="evop", initial_patterns=[])
+        if method == AT_SLEB_BUDGET:
+            # More generations of the same GA (same seed: the first ones replay from the memo), as
+            # many as fit in SLEB's evaluation count without exceeding it.
+            s = self.cfg.search
+            generations = max(1, (budget - s.population) // (s.population - s.elitism))
+            update.update(method="evop", generations=generations, patience=generations)
         settings = self.cfg.search.model_copy(update=update)
         full = self.fitness(calib)
         cheap = self.fitness(calib, cheap=True) if method == "evopress" else None
@@ -362,6 +370,12 @@ class Comparison:
                     budget = self.results["units"][f"main/evop/{sparsity}"]["evaluations"]
                 self._unit(
                     f"main/{method}/{sparsity}", partial(self._main_row, method, sparsity, k, calib, budget)
+                )
+            sleb = self.results["units"].get(f"main/sleb/{sparsity}")
+            if "evop" in methods and sleb and "evaluations" in sleb:
+                self._unit(
+                    f"main/{AT_SLEB_BUDGET}/{sparsity}",
+                    partial(self._main_row, AT_SLEB_BUDGET, sparsity, k, calib, sleb["evaluations"]),
                 )
 
     def _main_row(
@@ -594,10 +608,15 @@ def _greedy_markdown(report: dict[str, Any], names: list[str], metric: str) -> l
         "|" + " --- |" * (5 + len(names)),
     ]
     for s, ga, greedy in pairs:
-        searches = [("GA (evop)", ga), ("greedy (sleb)", greedy)]
-        unseeded = units.get(f"main/{UNSEEDED}/{s}")
-        if unseeded and "skipped" not in unseeded:
-            searches.insert(1, ("GA, random initial population", unseeded))
+        searches = [("GA (evop)", ga)]
+        for name, label in (
+            (UNSEEDED, "GA, random initial population"),
+            (AT_SLEB_BUDGET, "GA, SLEB's budget"),
+        ):
+            extra = units.get(f"main/{name}/{s}")
+            if extra and "skipped" not in extra:
+                searches.append((label, extra))
+        searches.append(("greedy (sleb)", greedy))
         for label, r in searches:
             lines.append(
                 f"| {s:.0%} | {label} | {_f(r['calib_fitness'])} | "

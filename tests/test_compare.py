@@ -94,6 +94,11 @@ def test_compare_writes_every_table_and_resumes_without_rescoring(
         # Same calibration set and fitness: SLEB's greedy pattern can not beat exhaustive, and
         # no method beats the best of them all on the calibration fitness it optimised.
         assert units[f"main/sleb/{sparsity}"]["calibration"] == units[f"main/evop/{sparsity}"]["calibration"]
+        # EvoP at SLEB's cost: the same GA, as many generations as fit in SLEB's count.
+        longer = units[f"main/evop-sleb-budget/{sparsity}"]
+        assert longer["evaluations"] <= units[f"main/sleb/{sparsity}"]["evaluations"]
+        if longer["evaluations"] >= units[f"main/evop/{sparsity}"]["evaluations"]:
+            assert longer["calib_fitness"] <= units[f"main/evop/{sparsity}"]["calib_fitness"]
     assert units["dense"]["heldout_ppl"]["news"] > 0
 
     # Ablation: both samplers for both seeds, on their own calibration sets.
