@@ -180,8 +180,10 @@ def _plots_markdown(report: dict[str, Any]) -> str:
     import base64
     from pathlib import Path
 
-    titles = {"fitness_curve": "Fitness per generation (best and mean)",
-              "layer_removal_frequency": "How often each layer is removed in the final population"}  # fmt: skip
+    titles = {
+        "fitness_curve": "Fitness per generation (best and mean)",
+        "layer_removal_frequency": "How often each layer is removed in the final population",
+    }
     lines = [f"# Plots: {report['base_model']}, removed {report['removed_layers']}"]
     for name, path in report["plots"].items():
         data = base64.b64encode(Path(path).read_bytes()).decode()
