@@ -59,7 +59,9 @@ def make_cfg(tiny_dir, text_file, out, checkpoints=None, evaluation=None, regist
 
 def comparable(result: dict) -> dict:
     """A result without timings and locations: what must match between runs of one config."""
-    out = {k: v for k, v in result.items() if k not in ("wall_time_s", "checkpoints", "config")}
+    # The copy in output_dir also carries the evaluation and plots (write-report), not the search.
+    drop = ("wall_time_s", "checkpoints", "config", "evaluation", "plots")
+    out = {k: v for k, v in result.items() if k not in drop}
     out["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in result["history"]]
     return out
 
