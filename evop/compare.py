@@ -161,6 +161,14 @@ class Comparison:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
+    def _fitness_key(self) -> str:
+        """Calibration scores depend on the model and the fitness settings (not on batching)."""
+        import hashlib
+
+        f = self.cfg.fitness.model_dump(mode="json", exclude={"batch_size", "prefix_cache_mb"})
+        payload = [self.cfg.model.model_dump(mode="json"), f, self.cfg.search.evopress_cheap_fraction]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
     def _heldout_key(self) -> str:
         """Held-out scores depend on the model and the held-out windows only: they outlive a
         changed search or calibration config."""
@@ -211,7 +219,7 @@ class Comparison:
             model = self.model if c.embedder == "model" else None
             calib = build_calibration_set(c, self.tokenizer, model)
             self._calibration[name] = (calib.blocks, calib.summary())
-            self._memos[name] = _Memo(self.out / f"memo-{name}.json")
+            self._memos[name] = _Memo(self.out / f"memo-{name}-{self._fitness_key()}.json")
         return name
 
     def scorer(self, calib: str, cheap: bool = False) -> "PatternScorer":

@@ -228,3 +228,16 @@ def test_the_benchmark_script_is_the_same_command(tiny_dir, texts, tmp_path):
         json.loads((tmp_path / "cmp" / COMPARE_FILE).read_text())["units"]["main/random/0.25"]["evaluations"]
         > 0
     )
+
+
+def test_scores_are_not_shared_across_fitness_settings(tiny_dir, texts, tmp_path):
+    config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config), "--out", str(out), "--methods", "shortgpt",
+            "--sparsities", "0.25", "--ablation-seeds", "", "--optimum-k", "0"]  # fmt: skip
+    assert main(args) == 0
+    full = json.loads((out / COMPARE_FILE).read_text())["units"]["main/shortgpt/0.25"]
+    assert main([*args, "fitness.token_budget=64"]) == 0  # 2 of the 6 calibration blocks
+    cheap = json.loads((out / COMPARE_FILE).read_text())["units"]["main/shortgpt/0.25"]
+    assert cheap["calib_fitness"] != full["calib_fitness"]
+    assert len(list(out.glob("memo-*.json"))) == 2
