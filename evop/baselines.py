@@ -166,6 +166,58 @@ class CountingFitness:
         return value
 
 
+class ScoreMemo:
+    """Scores of one calibration set, shared by every method that searches it and persisted.
+
+    ``full`` holds scores on all calibration blocks, ``cheap`` those of EvoPress's first stage
+    (``str(pattern) -> (fitness, seconds to compute)``). New scores are written through ``write``
+    at most every ``every`` seconds, so a crashed search re-scores only its last unsaved stretch;
+    the JSON form keeps divergent scores as ``null``.
+
+    Args:
+        write: Persists :meth:`to_json` (a local file, an object store).
+        data: What :meth:`to_json` wrote before (None: start empty).
+        every: Seconds between two writes triggered by new scores.
+    """
+
+    KINDS = ("full", "cheap")
+
+    def __init__(
+        self, write: Callable[[dict[str, Any]], None], data: dict[str, Any] | None = None, every: float = 30.0
+    ):
+        self.full: dict[str, tuple[float, float]] = {}
+        self.cheap: dict[str, tuple[float, float]] = {}
+        for kind in self.KINDS:
+            entries = (data or {}).get(kind, {})
+            getattr(self, kind).update(
+                {k: (math.inf if v is None else v, t) for k, (v, t) in entries.items()}
+            )
+        self._write = write
+        self.every = every
+        self._saved = time.perf_counter()
+
+    def __len__(self) -> int:
+        return len(self.full) + len(self.cheap)
+
+    def to_json(self) -> dict[str, Any]:
+        from evop.fitness import finite_or_none
+
+        return {
+            kind: {k: [finite_or_none(v), round(t, 4)] for k, (v, t) in getattr(self, kind).items()}
+            for kind in self.KINDS
+        }
+
+    def flush(self, force: bool = True) -> None:
+        """Write the scores now (``force``) or when the last write is ``every`` seconds old."""
+        if force or time.perf_counter() - self._saved >= self.every:
+            self._write(self.to_json())
+            self._saved = time.perf_counter()
+
+    def fitness(self, scorer: FitnessFn, cheap: bool = False) -> CountingFitness:
+        """A fresh per-method view of this memo (``cheap``: the first-stage scores)."""
+        return CountingFitness(scorer, self.cheap if cheap else self.full, lambda: self.flush(force=False))
+
+
 def _finite(fitness: FitnessFn, pattern: Pattern) -> float:
     """``fitness(pattern)`` with divergence (inf, nan, arithmetic errors) mapped to ``inf``."""
     try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evop.baselines import CountingFitness, Outcome, block_influence, run_method
+from evop.baselines import CountingFitness, Outcome, ScoreMemo, block_influence, run_method
 from evop.config import EvoPConfig
 from evop.experiment import write_json_atomic
 from evop.fitness import finite_or_none
@@ -89,32 +88,6 @@ class CompareSpec:
             raise ValueError(f"sparsities must be non-empty and in (0, 1), got {self.sparsities}")
 
 
-class _Memo:
-    """Scores of one calibration set (full and cheap budget), persisted to ``path``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.full: dict[str, tuple[float, float]] = {}
-        self.cheap: dict[str, tuple[float, float]] = {}
-        if path.is_file():
-            data = json.loads(path.read_text())
-            for kind in ("full", "cheap"):
-                getattr(self, kind).update(
-                    {k: (math.inf if v is None else v, t) for k, (v, t) in data.get(kind, {}).items()}
-                )
-        self._saved = time.perf_counter()
-
-    def save(self, force: bool = True) -> None:
-        if not force and time.perf_counter() - self._saved < MEMO_SAVE_SECONDS:
-            return
-        payload = {
-            kind: {k: [finite_or_none(v), round(t, 4)] for k, (v, t) in getattr(self, kind).items()}
-            for kind in ("full", "cheap")
-        }
-        write_json_atomic(self.path, payload)
-        self._saved = time.perf_counter()
-
-
 class Comparison:
     """One comparison run: the model loaded once, calibration and held-out sets, memos, results.
 
@@ -137,7 +110,7 @@ class Comparison:
         self.num_layers = num_layers(self.model)
         self._calibration: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
         self._scorers: dict[str, PatternScorer] = {}
-        self._memos: dict[str, _Memo] = {}
+        self._memos: dict[str, ScoreMemo] = {}
         self._heldout: dict[str, PatternScorer] | None = None
         self._heldout_memo: dict[str, dict[str, float | None]] = {}
         self._heldout_path = self.out / f"heldout-{self._heldout_key()}.json"
@@ -202,7 +175,7 @@ class Comparison:
             log.info("compare: %s", key)
             units[key] = compute()
             for memo in self._memos.values():
-                memo.save()
+                memo.flush()
             self._save()
         return units[key]
 
@@ -219,7 +192,11 @@ class Comparison:
             model = self.model if c.embedder == "model" else None
             calib = build_calibration_set(c, self.tokenizer, model)
             self._calibration[name] = (calib.blocks, calib.summary())
-            self._memos[name] = _Memo(self.out / f"memo-{name}-{self._fitness_key()}.json")
+            path = self.out / f"memo-{name}-{self._fitness_key()}.json"
+            saved = json.loads(path.read_text()) if path.is_file() else None
+            self._memos[name] = ScoreMemo(
+                lambda data, path=path: write_json_atomic(path, data), saved, every=MEMO_SAVE_SECONDS
+            )
         return name
 
     def scorer(self, calib: str, cheap: bool = False) -> "PatternScorer":
@@ -227,20 +204,17 @@ class Comparison:
 
         key = f"{calib}/{'cheap' if cheap else 'full'}"
         if key not in self._scorers:
-            f = self.cfg.fitness
-            blocks = self._calibration[calib][0]
             if cheap:
-                blocks = blocks[: max(1, round(self.cfg.search.evopress_cheap_fraction * blocks.shape[0]))]
-            self._scorers[key] = PatternScorer(
-                self.model, blocks, f.metric, f.batch_size, f.token_budget, f.kl_top_k, f.prefix_cache_mb
-            )
+                full = self.scorer(calib)
+                self._scorers[key] = full.first_blocks(self.cfg.search.evopress_cheap_fraction)
+            else:
+                blocks = self._calibration[calib][0]
+                self._scorers[key] = PatternScorer.from_config(self.model, blocks, self.cfg.fitness)
         return self._scorers[key]
 
     def fitness(self, calib: str, cheap: bool = False) -> CountingFitness:
         """A fresh per-method view of the shared, persisted memo of ``calib``."""
-        memo = self._memos[calib]
-        store = memo.cheap if cheap else memo.full
-        return CountingFitness(self.scorer(calib, cheap), store, lambda: memo.save(force=False))
+        return self._memos[calib].fitness(self.scorer(calib, cheap), cheap)
 
     def heldout_scorers(self) -> dict[str, "PatternScorer"]:
         from evop.assets import DEFAULT_ASSETS, prepare_assets

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from evop.config import FitnessConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -235,6 +237,8 @@ class PatternScorer:
         self.blocks = blocks
         self.metric = metric
         self.batch_size = batch_size
+        self.kl_top_k = kl_top_k
+        self.prefix_cache_mb = prefix_cache_mb
         self.num_layers = num_layers(model)
         self.calls = 0
         self.seconds = 0.0
@@ -242,6 +246,27 @@ class PatternScorer:
         self._batches = [b.to(device) for b in _batches(blocks, batch_size)]
         self._dense = DenseTopK(model, self._batches, kl_top_k) if metric == "kl" else None
         self._prefix = DensePrefix(model, self._batches, prefix_cache_mb) if prefix_cache_mb > 0 else None
+
+    @classmethod
+    def from_config(cls, model: "nn.Module", blocks: "torch.Tensor", cfg: "FitnessConfig") -> "PatternScorer":
+        """The scorer the ``fitness`` section of a config describes."""
+        return cls(
+            model, blocks, cfg.metric, cfg.batch_size, cfg.token_budget, cfg.kl_top_k, cfg.prefix_cache_mb
+        )
+
+    def first_blocks(self, fraction: float) -> "PatternScorer":
+        """A scorer with the same settings on the first ``fraction`` of these blocks (at least
+        one): the cheap first stage of EvoPress's staged budgets."""
+        n = max(1, round(fraction * self.blocks.shape[0]))
+        return PatternScorer(
+            self.model,
+            self.blocks[:n],
+            self.metric,
+            self.batch_size,
+            None,
+            self.kl_top_k,
+            self.prefix_cache_mb,
+        )
 
     def _score(self, start: "DensePrefix | None" = None, pattern: Pattern | None = None) -> float:
         """Score the model as it stands (or from the dense prefix cache for ``pattern``)."""

@@ -148,10 +148,7 @@ def cached_scorer(run: Run) -> "PatternScorer":
                 f"no calibration blocks at {run.url(BLOCKS)}: sample the calibration set first"
             )
         model, _ = cached_model(run.cfg)
-        f = run.cfg.fitness
-        _SCORERS[key] = PatternScorer(
-            model, blocks, f.metric, f.batch_size, f.token_budget, f.kl_top_k, f.prefix_cache_mb
-        )
+        _SCORERS[key] = PatternScorer.from_config(model, blocks, run.cfg.fitness)
     return _SCORERS[key]
 
 
@@ -341,57 +338,34 @@ def run_baseline(cfg: EvoPConfig) -> dict[str, Any]:
     Returns:
         The :class:`~evop.baselines.Outcome` as JSON.
     """
-    from evop.baselines import CountingFitness, block_influence, run_method
-    from evop.fitness import PatternScorer, finite_or_none
+    from evop.baselines import ScoreMemo, block_influence, run_method
     from evop.patterns import layers_to_remove
 
     run = Run(cfg)
     saved = run.get_json(BASELINE_OUTCOME)
     if saved is not None:
         return saved
-    s, f = cfg.search, cfg.fitness
+    s = cfg.search
     scorer = cached_scorer(run)
-    memos: dict[str, dict[str, tuple[float, float]]] = {"full": {}, "cheap": {}}
-    for kind, entries in (run.get_json(BASELINE_MEMO) or {}).items():
-        memos[kind] = {key: (float("inf") if v is None else v, t) for key, (v, t) in entries.items()}
-    if any(memos.values()):
-        log.info(
-            "resuming %s with %d saved scores from %s",
-            s.method,
-            sum(map(len, memos.values())),
-            run.url(BASELINE_MEMO),
-        )
-    last_save = [time.perf_counter()]
-
-    def save_memo(force: bool = False) -> None:
-        if force or time.perf_counter() - last_save[0] >= MEMO_SAVE_SECONDS:
-            payload = {
-                kind: {key: [finite_or_none(v), t] for key, (v, t) in memo.items()}
-                for kind, memo in memos.items()
-            }
-            run.put_json(BASELINE_MEMO, payload)
-            last_save[0] = time.perf_counter()
-
-    model = scorer.model
-    blocks = scorer.blocks
+    memo = ScoreMemo(
+        lambda data: run.put_json(BASELINE_MEMO, data), run.get_json(BASELINE_MEMO), every=MEMO_SAVE_SECONDS
+    )
+    if len(memo):
+        log.info("resuming %s with %d saved scores from %s", s.method, len(memo), run.url(BASELINE_MEMO))
     cheap = None
     if s.method == "evopress":
-        cheap_blocks = max(1, round(s.evopress_cheap_fraction * blocks.shape[0]))
-        cheap_scorer = PatternScorer(
-            model, blocks[:cheap_blocks], f.metric, f.batch_size, None, f.kl_top_k, f.prefix_cache_mb
-        )
-        cheap = CountingFitness(cheap_scorer, memos["cheap"], save_memo)
+        cheap = memo.fitness(scorer.first_blocks(s.evopress_cheap_fraction), cheap=True)
     n = scorer.num_layers
     k = layers_to_remove(n, s.sparsity, s.num_remove)
     outcome = run_method(
         s,
         n,
         k,
-        CountingFitness(scorer, memos["full"], save_memo),
+        memo.fitness(scorer),
         cheap,
-        influence=lambda: block_influence(model, blocks, f.batch_size),
+        influence=lambda: block_influence(scorer.model, scorer.blocks, cfg.fitness.batch_size),
     )
-    save_memo(force=True)
+    memo.flush()
     data = outcome.to_json()
     run.put_json(BASELINE_OUTCOME, data)
     log.info(

@@ -19,6 +19,22 @@ _AWS_NOISE = (
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """An 8-layer random-initialised Llama saved as a Hugging Face checkpoint (read-only)."""
+    from tests.tiny_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", "llama", num_layers=8)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A .jsonl of 60 random word documents: calibration text for the tiny models."""
+    from tests.tiny_models import write_docs
+
+    return write_docs(tmp_path_factory.mktemp("text") / "docs.jsonl")
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server process (rclone serve s3) on 127.0.0.1, shared by the whole session.
 

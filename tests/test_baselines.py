@@ -14,6 +14,7 @@ import torch
 from evop.baselines import (
     CountingFitness,
     Outcome,
+    ScoreMemo,
     SearchTooLargeError,
     block_influence,
     default_evopress_generations,
@@ -31,7 +32,7 @@ from evop.experiment import run_search
 from evop.models import layer_access
 from evop.patterns import Pattern
 from evop.pipeline import BASELINE_MEMO, Run
-from tests.tiny_models import random_blocks, save_tiny_model, tiny_model, write_docs
+from tests.tiny_models import random_blocks, tiny_model
 
 WEIGHTS = [9.0, 4.0, 7.0, 1.0, 8.0, 2.5, 6.0, 3.0, 5.0, 0.5]  # layer i costs WEIGHTS[i] when removed
 
@@ -197,6 +198,26 @@ def test_counting_fitness_shares_scores_and_charges_each_method_its_own_time():
     assert first.seconds == second.seconds == memo[str(p)][1]
 
 
+def test_score_memo_persists_throttled_and_survives_divergence():
+    writes: list[dict] = []
+    memo = ScoreMemo(writes.append, every=3600)
+    full, cheap = memo.fitness(Counter(separable)), memo.fitness(lambda p: math.inf, cheap=True)
+    p, q = Pattern.of(10, [1, 2]), Pattern.of(10, [3, 4])
+    full(p)
+    cheap(q)
+    assert writes == []  # new scores are written at most every `every` seconds
+    memo.flush()
+    assert writes[-1]["full"][str(p)][0] == separable(p)
+    assert writes[-1]["cheap"][str(q)][0] is None  # divergence as JSON null
+    again = ScoreMemo(writes.append, json.loads(json.dumps(writes[-1])))
+    assert len(again) == 2 and again.cheap[str(q)][0] == math.inf
+    counter = Counter(separable)
+    assert again.fitness(counter)(p) == separable(p) and counter.calls == 0  # resumed, not rescored
+    eager = ScoreMemo(writes.append, every=0)
+    eager.fitness(separable)(p)
+    assert len(writes) == 2  # due at once: written with the first new score
+
+
 def test_run_method_dispatches_every_method():
     for method in ("evop", "sleb", "ppl-oneshot", "evopress", "random", "exhaustive", "shortgpt"):
         settings = SearchConfig(
@@ -251,16 +272,6 @@ def test_block_influence_finds_layers_made_identity(model_type):
     assert influence[2] == pytest.approx(0, abs=1e-5) and influence[4] == pytest.approx(0, abs=1e-5)
     assert min(influence[j] for j in (1, 3, 5)) > 1e-3
     assert shortgpt(influence, lambda p: 0.0, 6, 2, protected=[0, -1]).pattern.removed == (2, 4)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", "llama", num_layers=8)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    return write_docs(tmp_path_factory.mktemp("text") / "docs.jsonl")
 
 
 def _cfg(tiny_dir, text_file, out, **search):

@@ -11,12 +11,7 @@ import yaml
 from evop.cli import main
 from evop.compare import COMPARE_FILE, TABLE_FILE, CompareSpec
 from evop.fitness import PatternScorer
-from tests.tiny_models import save_tiny_model, write_docs, write_sentences
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", "llama", num_layers=8)
+from tests.tiny_models import write_docs, write_sentences
 
 
 @pytest.fixture(scope="module")

@@ -16,25 +16,6 @@ from evop.fitness import perplexity
 from evop.models import layers_skipped, num_layers
 from evop.patterns import Pattern
 from evop.pipeline import Run
-from tests.tiny_models import save_tiny_model
-
-WORDS = "the river runs north of the old town and the market opens at dawn while ships wait".split()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", "llama", num_layers=8)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("text") / "docs.jsonl"
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 120))) for _ in range(60)]
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path
 
 
 def _cfg(tiny_dir, text_file, out, **search):

@@ -45,6 +45,18 @@ def test_token_budget_limits_blocks():
     assert scorer.dense() == perplexity(model, random_blocks(8, 16)[:2])
 
 
+def test_first_blocks_keeps_the_settings_on_a_prefix_of_the_blocks():
+    model = tiny_model("llama")
+    blocks = random_blocks(8, 16)
+    full = PatternScorer(model, blocks, metric="kl", batch_size=3, kl_top_k=8)
+    cheap = full.first_blocks(0.25)
+    assert torch.equal(cheap.blocks, blocks[:2])
+    assert (cheap.metric, cheap.batch_size, cheap.kl_top_k) == ("kl", 3, 8)
+    pattern = Pattern.of(6, [2])
+    assert cheap(pattern) == PatternScorer(model, blocks[:2], metric="kl", batch_size=3, kl_top_k=8)(pattern)
+    assert full.first_blocks(0.01).blocks.shape[0] == 1  # never empty
+
+
 def test_kl_is_zero_for_dense_and_positive_when_pruned_with_bounded_memory():
     model = tiny_model("qwen2")
     blocks = random_blocks(4, 16)

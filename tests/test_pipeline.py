@@ -20,21 +20,10 @@ from evop import pipeline
 from evop.checkpoints import StorageError, generation_key
 from evop.config import build_config
 from evop.models import num_layers
-from tests.tiny_models import save_tiny_model, write_docs
 
 pytest.importorskip("prefect")
 
 from flows.evop_pipeline import evop_pipeline  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama", "llama", num_layers=8)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    return write_docs(tmp_path_factory.mktemp("text") / "docs.jsonl")
 
 
 def make_cfg(tiny_dir, text_file, out, checkpoints=None, evaluation=None, registry=None, **search):
