@@ -7,8 +7,8 @@
    EvoP used at that sparsity. Each chosen pattern is scored on held-out text of other domains.
 2. **CCDS vs random sampling**: EvoP on calibration sets drawn both ways, for several seeds;
    held-out perplexity of the patterns found (mean and spread).
-3. **GA vs greedy**: EvoP's GA next to SLEB's greedy search under the same fitness and
-   calibration set (read from part 1).
+3. **GA vs greedy**: EvoP (GA + polish), its GA alone and the GA at SLEB's budget next to SLEB's
+   greedy search under the same fitness and calibration set (read from part 1).
 4. **search quality against the optimum**: exhaustive search at a small k gives the true
    optimum; how often EvoP (several seeds), random search with the same budget and the
    heuristics find it, and with what share of the evaluations.
@@ -45,11 +45,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAIN_METHODS = ("evop", "evop-random-init", "sleb", "shortgpt", "ppl-oneshot", "evopress", "random")
+MAIN_METHODS = (
+    "evop",
+    "evop-no-polish",
+    "evop-random-init",
+    "sleb",
+    "shortgpt",
+    "ppl-oneshot",
+    "evopress",
+    "random",
+)
 UNSEEDED = "evop-random-init"
 """EvoP's GA without heuristic seeds (``search.initial_patterns: []``): what seeding buys."""
+UNPOLISHED = "evop-no-polish"
+"""EvoP without the polish rounds (``search.polish_rounds: 0``): what the local search buys."""
 AT_SLEB_BUDGET = "evop-sleb-budget"
-"""EvoP's GA run for as many evaluations as SLEB used (at most): the two at equal cost."""
+"""EvoP's GA alone (no polish) run for as many evaluations as SLEB used (at most): the two
+searches at equal cost."""
 COMPARE_FILE = "compare.json"
 TABLE_FILE = "compare.md"
 MEMO_SAVE_SECONDS = 60.0
@@ -80,7 +92,7 @@ class CompareSpec:
     def __post_init__(self) -> None:
         from evop.baselines import METHODS
 
-        unknown = [m for m in self.methods if m not in (*METHODS, UNSEEDED)]
+        unknown = [m for m in self.methods if m not in (*METHODS, UNSEEDED, UNPOLISHED)]
         if unknown:
             raise ValueError(f"unknown search method(s) {unknown}; choose from {', '.join(METHODS)}")
         bad = [s for s in self.sparsities if not 0 < s < 1]
@@ -280,12 +292,15 @@ class Comparison:
         update: dict[str, Any] = {"method": method, "seed": self.cfg.search.seed if seed is None else seed}
         if method == UNSEEDED:
             update.update(method="evop", initial_patterns=[])
+        if method == UNPOLISHED:
+            update.update(method="evop", polish_rounds=0)
         if method == AT_SLEB_BUDGET:
             # More generations of the same GA (same seed: the first ones replay from the memo), as
-            # many as fit in SLEB's evaluation count without exceeding it.
+            # many as fit in SLEB's evaluation count without exceeding it. No polish: this is the
+            # GA alone against the greedy search, at equal cost.
             s = self.cfg.search
             generations = max(1, (budget - s.population) // (s.population - s.elitism))
-            update.update(method="evop", generations=generations, patience=generations)
+            update.update(method="evop", generations=generations, patience=generations, polish_rounds=0)
         settings = self.cfg.search.model_copy(update=update)
         full = self.fitness(calib)
         cheap = self.fitness(calib, cheap=True) if method == "evopress" else None
@@ -590,10 +605,11 @@ def _greedy_markdown(report: dict[str, Any], names: list[str], metric: str) -> l
         "|" + " --- |" * (5 + len(names)),
     ]
     for s, ga, greedy in pairs:
-        searches = [("GA (evop)", ga)]
+        searches = [("EvoP: GA + polish", ga)]
         for name, label in (
-            (UNSEEDED, "GA, random initial population"),
-            (AT_SLEB_BUDGET, "GA, SLEB's budget"),
+            (UNPOLISHED, "GA alone (no polish)"),
+            (UNSEEDED, "GA + polish, random initial population"),
+            (AT_SLEB_BUDGET, "GA alone (no polish), SLEB's budget"),
         ):
             extra = units.get(f"main/{name}/{s}")
             if extra and "skipped" not in extra:

@@ -119,6 +119,16 @@ class SearchConfig(_Section):
     mutation_rate: float = Field(0.9, ge=0, le=1, description="Probability a child is mutated.")
     max_swaps: int = Field(3, ge=1, description="Most swap mutations applied to one child.")
     elitism: int = Field(2, ge=1, description="Best patterns copied unchanged into the next generation.")
+    polish_rounds: int = Field(
+        10,
+        ge=0,
+        description="After the GA stops: rounds of local search around the best pattern, each "
+        "scoring every pattern that moves one removed layer to a kept layer at most `polish_radius` "
+        "away and keeping the best; ends early at a local optimum. 0: off.",
+    )
+    polish_radius: int = Field(
+        2, ge=1, description="How far (in layers) a polish move may shift a removed layer."
+    )
     survivors: Literal["generational", "plus"] = Field(
         "generational",
         description="'generational': the elites and the children replace the population (keeps "

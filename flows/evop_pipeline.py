@@ -112,11 +112,12 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
             status = {"generation": -1, "done": True}
         else:
             status = search_status(config)
-        total = config.search.generations + 1
+        # Polish rounds come after the GA's generations: progress stays below 100 % until done.
+        total = config.search.generations + 1 + config.search.polish_rounds
         progress_id = create_progress_artifact(
             progress=100.0 if status["done"] else 100.0 * (status["generation"] + 1) / total,
             key=_artifact_key(config, "progress"),
-            description=f"EPPS generations done (of at most {total})",
+            description=f"EPPS generations and polish rounds done (of at most {total})",
         )
         generation, done = status["generation"] + 1, status["done"]
         if done and config.search.method == "evop":
@@ -137,7 +138,9 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
                 }
             )
             done = entry["done"]
-            update_progress_artifact(progress_id, 100.0 if done else 100.0 * (generation + 1) / total)
+            update_progress_artifact(
+                progress_id, 100.0 if done else min(99.0, 100.0 * (generation + 1) / total)
+            )
             create_table_artifact(
                 rows, key=_artifact_key(config, "generations"), description="EPPS generations of this run"
             )

@@ -48,7 +48,7 @@ def partly_diverging(pattern: Pattern) -> float:
 def run_search(fitness=hashed_fitness, seed: int = 0, generations: int = 4) -> list[SearchState]:
     """Every state a small search passes through, one per finished generation (0..generations)."""
     config = SearchConfig(
-        num_remove=1, population=6, generations=generations, patience=generations, seed=seed
+        num_remove=1, population=6, generations=generations, patience=generations, seed=seed, polish_rounds=0
     )
     states: list[SearchState] = []
     GeneticSearch(14, 3, config, fitness).run(on_generation=states.append)
@@ -353,6 +353,22 @@ def test_outage_raises_promptly_and_the_same_store_recovers(s3_env, tmp_path, mo
         ]
 
 
+def _wait_until_stopped(pid: int, timeout: float = 10.0) -> None:
+    """A stop signal takes effect when each thread of ``pid`` is next scheduled: on a loaded
+    machine a request sent at once could still be answered. Wait for the stopped state."""
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + timeout
+    while stat.is_file() and time.monotonic() < deadline:
+        try:
+            threads = [t / "stat" for t in Path(f"/proc/{pid}/task").iterdir()]
+            states = [t.read_text().rsplit(")", 1)[1].split()[0] for t in threads]
+        except OSError:  # a thread ended while we looked
+            states = []
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.01)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP is POSIX")
 def test_a_hung_server_times_out_instead_of_hanging(s3_env, tmp_path, monkeypatch, states):
     from evop.s3server import LocalS3Server
@@ -365,6 +381,7 @@ def test_a_hung_server_times_out_instead_of_hanging(s3_env, tmp_path, monkeypatc
         store.put("a.json", b"{}")
         os.kill(server.pid, signal.SIGSTOP)  # accepts connections (kernel backlog), never answers
         try:
+            _wait_until_stopped(server.pid)
             started = time.monotonic()
             with pytest.raises(StorageError, match="cannot reach S3"):
                 store.put("b.json", b"{}")

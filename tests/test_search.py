@@ -26,8 +26,9 @@ from evop.search import (
 
 
 def search_config(**overrides) -> SearchConfig:
-    """Small, fast settings; ``num_remove`` only satisfies the config (GeneticSearch takes k)."""
-    values = dict(num_remove=1, population=8, generations=6, patience=6, seed=0)
+    """Small, fast settings; ``num_remove`` only satisfies the config (GeneticSearch takes k).
+    The GA alone unless a test asks for polish rounds."""
+    values = dict(num_remove=1, population=8, generations=6, patience=6, seed=0, polish_rounds=0)
     values.update(overrides)
     return SearchConfig(**values)
 
@@ -159,14 +160,19 @@ def test_same_seed_same_search_and_different_seeds_differ():
 
 @pytest.mark.parametrize("selection", ["tournament", "truncation"])
 def test_resume_from_json_equals_uninterrupted(selection):
-    config = search_config(seed=11, population=10, generations=10, patience=10, selection=selection)
+    config = search_config(
+        seed=11, population=10, generations=10, patience=10, selection=selection, polish_rounds=5
+    )
     fitness = interaction_objective(24, seed=3)
     checkpoints: list[str] = []
     full = GeneticSearch(24, 6, config, fitness).run(on_generation=lambda s: checkpoints.append(s.to_json()))
     assert [json.loads(c)["generation"] for c in checkpoints] == list(range(len(checkpoints)))
-    assert full.stop_reason == "generations"
+    assert full.ga_stop_reason == "generations"
+    assert full.stop_reason in ("local optimum", "polish rounds")
+    polish = [g for g, h in enumerate(full.history) if h["phase"] == "polish"]
+    assert polish and polish[0] == 11  # the polish rounds follow the GA's 10 generations
 
-    for g in (0, 1, 4, len(checkpoints) - 2):
+    for g in (0, 1, 4, 10, polish[-1] - 1):
         counting = CountingFitness(fitness)
         state = SearchState.from_json(checkpoints[g])
         resumed = GeneticSearch(24, 6, config, counting).run(state)
@@ -265,6 +271,54 @@ def test_stops_on_patience():
     config = search_config(protected_layers=[], population=4, generations=100, patience=3)
     state = GeneticSearch(30, 3, config, lambda p: 1.0).run()  # a flat objective never improves
     assert state.stop_reason == "patience" and state.stall == 3 and state.generation == 3
+
+
+def test_polish_moves_shift_one_removed_layer_within_the_radius():
+    search = GeneticSearch(12, 3, search_config(protected_layers=[0, -1], polish_radius=2), hashed_fitness)
+    moves = search.polish_moves(Pattern.of(12, [1, 2, 7]))
+    expected = {(2, 3, 7), (1, 3, 7), (1, 4, 7), (1, 2, 5), (1, 2, 6), (1, 2, 8), (1, 2, 9)}
+    assert {p.removed for p in moves} == expected  # never onto a protected or removed layer
+    assert len(moves) == len(expected)  # no duplicates
+    near = GeneticSearch(12, 3, search_config(polish_radius=1), hashed_fitness)
+    assert {p.removed for p in near.polish_moves(Pattern.of(12, [1, 2, 7]))} == {
+        (1, 3, 7),
+        (1, 2, 6),
+        (1, 2, 8),
+    }
+
+
+def smooth_objective(pattern: Pattern) -> float:
+    """Removing layer i costs |i - 9.3|: the optimum is the run of layers nearest 9.3."""
+    return sum(abs(i - 9.3) for i in pattern.removed)
+
+
+def test_polish_reaches_the_optimum_the_ga_stopped_short_of():
+    n, k = 24, 5
+    optimum = brute_force_optimum(n, k, list(range(1, n - 1)), smooth_objective)
+    assert optimum == "7,8,9,10,11/24"
+    short = dict(protected_layers=[0, -1], population=6, generations=2, patience=2, seed=1)
+    ga = GeneticSearch(n, k, search_config(**short), smooth_objective).run()
+    assert ga.best != optimum and ga.stop_reason == "generations"
+    counting = CountingFitness(smooth_objective)
+    polished = GeneticSearch(n, k, search_config(**short, polish_rounds=50), counting).run()
+    assert polished.best == optimum
+    assert (polished.ga_stop_reason, polished.stop_reason) == ("generations", "local optimum")
+    # The GA phase is the same search; the polish only adds rounds, each never worse than the last.
+    assert without_seconds(polished)["history"][:3] == without_seconds(ga)["history"]
+    assert [h["phase"] for h in polished.history] == ["ga"] * 3 + ["polish"] * polished.polish_rounds
+    bests = [h["best_fitness"] for h in polished.history]
+    assert bests == sorted(bests, reverse=True)
+    assert polished.evaluations == len(counting.calls) <= ga.evaluations + polished.polish_rounds * 4 * k
+
+
+def test_polish_stops_after_its_rounds_or_at_once_on_a_flat_objective():
+    short = dict(protected_layers=[0, -1], population=6, generations=2, patience=2, seed=1)
+    capped = GeneticSearch(24, 5, search_config(**short, polish_rounds=1), smooth_objective).run()
+    assert capped.stop_reason == "polish rounds" and capped.polish_rounds == 1
+    flat_config = search_config(**{**short, "generations": 10}, polish_rounds=5)
+    flat = GeneticSearch(24, 5, flat_config, lambda p: 1.0).run()
+    assert flat.ga_stop_reason == "patience" and flat.stop_reason == "local optimum"
+    assert flat.polish_rounds == 1
 
 
 def test_seed_patterns_come_first():
