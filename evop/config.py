@@ -124,10 +124,10 @@ class SearchConfig(_Section):
         ge=0,
         description="After the GA stops: rounds of local search around the best pattern, each "
         "scoring every pattern that moves one removed layer to a kept layer at most `polish_radius` "
-        "away and keeping the best; ends early at a local optimum. 0: off.",
+        "layers from a removed one, and keeping the best; ends early at a local optimum. 0: off.",
     )
     polish_radius: int = Field(
-        2, ge=1, description="How far (in layers) a polish move may shift a removed layer."
+        1, ge=1, description="How far (in layers) from the removed ones a polish move may put a layer."
     )
     survivors: Literal["generational", "plus"] = Field(
         "generational",
