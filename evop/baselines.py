@@ -88,6 +88,16 @@ class Outcome:
     history: list[dict[str, Any]] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def evaluations_to_best(self) -> int:
+        """Evaluations spent when the chosen pattern was first the best (all of them when the
+        history does not say): how fast a search gets there, not just what it spent. (SLEB's
+        rounds hold partial patterns, so it needs all of its rounds.)"""
+        for h in self.history:
+            if "evaluations" in h and h.get("best_pattern") == str(self.pattern):
+                return min(int(h["evaluations"]), self.evaluations)
+        return self.evaluations
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (non-finite fitness as None); :meth:`from_json` reads it back."""
         from evop.fitness import finite_or_none

@@ -198,6 +198,21 @@ def test_counting_fitness_shares_scores_and_charges_each_method_its_own_time():
     assert first.seconds == second.seconds == memo[str(p)][1]
 
 
+def test_evaluations_to_best_reads_when_the_chosen_pattern_was_first_the_best():
+    p, q = Pattern.of(10, [1, 2]), Pattern.of(10, [3, 4])
+    steps = [(q, 3.0, 10), (p, 1.0, 30), (p, 1.0, 50)]
+    history = [
+        {"step": i, "best_fitness": f, "best_pattern": str(b), "evaluations": e}
+        for i, (b, f, e) in enumerate(steps)
+    ]
+    assert Outcome("evop", p, 1.0, 50, 0.0, history=history).evaluations_to_best == 30
+    assert Outcome("sleb", p, 1.0, 50, 0.0).evaluations_to_best == 50  # no history: all of them
+    greedy = sleb(separable, 10, 3)  # its early rounds hold partial patterns of lower fitness
+    assert greedy.evaluations_to_best == greedy.evaluations
+    found = random_search(separable, 10, 2, budget=45, seed=0)
+    assert found.evaluations_to_best <= found.evaluations == 45
+
+
 def test_score_memo_persists_throttled_and_survives_divergence():
     writes: list[dict] = []
     memo = ScoreMemo(writes.append, every=3600)

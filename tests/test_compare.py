@@ -116,6 +116,7 @@ def test_compare_writes_every_table_and_resumes_without_rescoring(
         if key.startswith("optimum/") and row["k"] == 2:
             assert row["calib_fitness"] >= best["calib_fitness"] - 1e-9
     assert "found the optimum" in table and "random, same budget" in table
+    assert "evaluations until found" in table
 
     # A re-run (e.g. after a crash) reads every finished result and scores nothing.
     calls = []
