@@ -129,6 +129,7 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
             rows.append(
                 {
                     "generation": entry["generation"],
+                    "phase": entry.get("phase", "ga"),  # "polish": a local-search round after the GA
                     "best fitness": _fmt(entry["best_fitness"]),
                     "mean fitness": _fmt(entry["mean_fitness"]),
                     "evaluations": entry["evaluations"],
