@@ -59,6 +59,11 @@ UNSEEDED = "evop-random-init"
 """EvoP's GA without heuristic seeds (``search.initial_patterns: []``): what seeding buys."""
 UNPOLISHED = "evop-no-polish"
 """EvoP without the polish rounds (``search.polish_rounds: 0``): what the local search buys."""
+VARIANTS: dict[str, dict[str, Any]] = {
+    UNSEEDED: {"method": "evop", "initial_patterns": []},
+    UNPOLISHED: {"method": "evop", "polish_rounds": 0},
+}
+"""EvoP ablations usable as ``spec.methods``: the search settings each one overrides."""
 AT_SLEB_BUDGET = "evop-sleb-budget"
 """EvoP's GA alone (no polish) run for as many evaluations as SLEB used (at most): the two
 searches at equal cost."""
@@ -92,9 +97,11 @@ class CompareSpec:
     def __post_init__(self) -> None:
         from evop.baselines import METHODS
 
-        unknown = [m for m in self.methods if m not in (*METHODS, UNSEEDED, UNPOLISHED)]
+        unknown = [m for m in self.methods if m not in (*METHODS, *VARIANTS)]
         if unknown:
-            raise ValueError(f"unknown search method(s) {unknown}; choose from {', '.join(METHODS)}")
+            raise ValueError(
+                f"unknown search method(s) {unknown}; choose from {', '.join((*METHODS, *VARIANTS))}"
+            )
         bad = [s for s in self.sparsities if not 0 < s < 1]
         if bad or not self.sparsities:
             raise ValueError(f"sparsities must be non-empty and in (0, 1), got {self.sparsities}")
@@ -290,10 +297,7 @@ class Comparison:
         self, method: str, k: int, calib: str, seed: int | None = None, budget: int | None = None
     ) -> Outcome:
         update: dict[str, Any] = {"method": method, "seed": self.cfg.search.seed if seed is None else seed}
-        if method == UNSEEDED:
-            update.update(method="evop", initial_patterns=[])
-        if method == UNPOLISHED:
-            update.update(method="evop", polish_rounds=0)
+        update.update(VARIANTS.get(method, {}))
         if method == AT_SLEB_BUDGET:
             # More generations of the same GA (same seed: the first ones replay from the memo), as
             # many as fit in SLEB's evaluation count without exceeding it. No polish: this is the

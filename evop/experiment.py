@@ -77,7 +77,7 @@ def build_result(
         raise RuntimeError("the search finished without a best pattern")
     history = [
         {k: h[k] for k in ("generation", "best_fitness", "mean_fitness", "evaluations", "seconds")}
-        | {"best_pattern": h.get("best_pattern")}
+        | {"best_pattern": h.get("best_pattern"), "phase": h.get("phase", "ga")}
         for h in state.history
     ]
     return _result(

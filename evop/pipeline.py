@@ -235,13 +235,11 @@ def _require_tensor(run: Run, name: str) -> "torch.Tensor":
 def _search(run: Run):
     from evop.models import num_layers
     from evop.patterns import Pattern, layers_to_remove
-    from evop.search import GeneticSearch
+    from evop.search import GeneticSearch, influence_prior
 
     scorer = cached_scorer(run)
     n = num_layers(scorer.model)
     k = layers_to_remove(n, run.cfg.search.sparsity, run.cfg.search.num_remove)
-    from evop.search import influence_prior
-
     initial = initial_patterns(run.cfg)
     seeds = [Pattern.parse(p) for p in initial["patterns"]]
     prior = influence_prior(initial["block_influence"]) if initial.get("block_influence") else None

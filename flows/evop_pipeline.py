@@ -112,7 +112,7 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
             status = {"generation": -1, "done": True}
         else:
             status = search_status(config)
-        # Polish rounds come after the GA's generations: progress stays below 100 % until done.
+        # Polish rounds come after the GA's generations and are counted like them.
         total = config.search.generations + 1 + config.search.polish_rounds
         progress_id = create_progress_artifact(
             progress=100.0 if status["done"] else 100.0 * (status["generation"] + 1) / total,
@@ -139,9 +139,7 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
                 }
             )
             done = entry["done"]
-            update_progress_artifact(
-                progress_id, 100.0 if done else min(99.0, 100.0 * (generation + 1) / total)
-            )
+            update_progress_artifact(progress_id, 100.0 if done else 100.0 * (generation + 1) / total)
             create_table_artifact(
                 rows, key=_artifact_key(config, "generations"), description="EPPS generations of this run"
             )

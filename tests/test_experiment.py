@@ -70,6 +70,12 @@ def test_search_prune_ppl_cli(tiny_dir, text_file, tmp_path, capsys):
     assert [h["generation"] for h in result["history"]] == list(range(len(result["history"])))
     assert result["evaluations"] == result["history"][-1]["evaluations"]
     assert result["fitness"] <= min(h["best_fitness"] for h in result["history"])
+    # The GA's generations, then the polish rounds (the default), each marked with its phase.
+    phases = [h["phase"] for h in result["history"]]
+    ga = phases.count("ga")
+    assert ga >= 1 and phases == ["ga"] * ga + ["polish"] * (len(phases) - ga)
+    if result["stop_reason"] in ("local optimum", "polish rounds"):
+        assert ga < len(phases)
 
     assert main(["prune", "--result", str(out / "result.json")]) == 0
     pruned = AutoModelForCausalLM.from_pretrained(out / "pruned-model").eval()
