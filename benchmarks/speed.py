@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from evop.config import ModelConfig
-    from evop.models import load_model
-    from evop.patterns import Pattern
-    from evop.pruning import prune_layers
-    from evop.speed import add_checkpoint_sizes, compare_speed, format_speed_table
+    from evop.eval.speed import add_checkpoint_sizes, compare_speed, format_speed_table
+    from evop.method.patterns import Pattern
+    from evop.models.loading import load_model
+    from evop.models.pruning import prune_layers
 
     def load(ref: str):
         return load_model(ModelConfig(name_or_path=ref, device=args.device, dtype=args.dtype))

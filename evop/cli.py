@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from evop.config import ConfigError, EvoPConfig, load_config
+from evop.records import format_number
 
 log = logging.getLogger("evop")
 
@@ -53,15 +54,11 @@ def _table(title: str, rows: list[tuple[str, Any]], locations: list[tuple[str, s
         console.print(f"{key}: {path}", soft_wrap=True, highlight=False)
 
 
-def _fmt(x: float | None) -> str:
-    return "inf" if x is None else f"{x:.4g}"
-
-
 # ---------------------------------------------------------------------------------------------
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
-    from evop.assets import DEFAULT_ASSETS, prepare_assets
+    from evop.assets.build import DEFAULT_ASSETS, prepare_assets
 
     paths = prepare_assets(tuple(args.names or DEFAULT_ASSETS), force=args.force)
     _table("evop assets", [(name, str(path)) for name, path in paths.items()])
@@ -75,7 +72,8 @@ def _load_cfg(args: argparse.Namespace) -> EvoPConfig:
 def cmd_search(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from evop.experiment import RESULT_FILE, run_search
+    from evop.pipeline.local import run_search
+    from evop.pipeline.results import RESULT_FILE
 
     cfg = _load_cfg(args)
     bar = tqdm(total=cfg.search.generations + 1, desc="EPPS generations", unit="gen", disable=args.quiet)
@@ -97,8 +95,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                 "removed layers",
                 f"{result['removed_layers']} ({len(result['removed_layers'])} of {result['num_layers']})",
             ),
-            (f"dense {result['fitness_metric']}", _fmt(result["dense_fitness"])),
-            (f"pruned {result['fitness_metric']}", _fmt(result["fitness"])),
+            (f"dense {result['fitness_metric']}", format_number(result["dense_fitness"], missing="diverged")),
+            (f"pruned {result['fitness_metric']}", format_number(result["fitness"], missing="diverged")),
             (
                 "calibration",
                 f"{result['calibration']['method']}, {result['calibration']['n_samples']} x "
@@ -148,7 +146,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     for text in ppl["dense"]:
         dense, pruned = ppl["dense"][text], ppl["pruned"][text]
-        rows.append((f"ppl {text}", f"dense {_fmt(dense)} -> pruned {_fmt(pruned)} ({pruned / dense:.2f}x)"))
+        ratio = format_number(pruned / dense if dense and pruned else None, 3)
+        rows.append(
+            (
+                f"ppl {text}",
+                f"dense {format_number(dense, missing='diverged')} -> "
+                f"pruned {format_number(pruned, missing='diverged')} ({ratio}x)",
+            )
+        )
     downstream = summary.get("downstream") or {}
     for task, scores in (downstream.get("dense") or {}).items():
         if isinstance(scores, dict):
@@ -157,7 +162,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             rows.append(
                 (
                     f"{task} {metric}",
-                    f"dense {_fmt(scores.get(metric))} -> pruned {_fmt(pruned_scores.get(metric))}",
+                    f"dense {format_number(scores.get(metric))} -> "
+                    f"pruned {format_number(pruned_scores.get(metric))}",
                 )
             )
     speed = summary.get("speed")
@@ -166,8 +172,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         rows.append(
             (
                 "speed-up (pruned/dense)",
-                f"prefill {_fmt(r.get('prefill_speedup'))}x, decode {_fmt(r.get('decode_speedup'))}x "
-                f"(ideal {_fmt(speed['ideal']['compute'])}x, params {_fmt(r.get('params'))}x)",
+                f"prefill {format_number(r.get('prefill_speedup'))}x, "
+                f"decode {format_number(r.get('decode_speedup'))}x "
+                f"(ideal {format_number(speed['ideal']['compute'])}x, "
+                f"params {format_number(r.get('params'))}x)",
             )
         )
     mlflow = summary.get("mlflow")
@@ -186,9 +194,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from evop.config import build_config
-    from evop.models import load_model
-    from evop.patterns import Pattern
-    from evop.pruning import save_pruned
+    from evop.method.patterns import Pattern
+    from evop.models.loading import load_model
+    from evop.models.pruning import save_pruned
 
     result_path = Path(args.result)
     if not result_path.is_file():
@@ -215,8 +223,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     from evop.config import ModelConfig
-    from evop.evaluation import load_blocks, perplexities, text_blocks
-    from evop.models import load_model, num_layers
+    from evop.eval.perplexity import load_blocks, perplexities, text_blocks
+    from evop.models.layers import num_layers
+    from evop.models.loading import load_model
 
     models = ([("dense", args.base)] if args.base else []) + [
         ("pruned" if args.base else "model", args.model)
@@ -253,7 +262,7 @@ def _ppl_table(rows: list[dict[str, Any]]) -> None:
     if len(rows) == 2:
         table.add_column("pruned / dense", justify="right")
     for key in [k for k in rows[0] if k not in ("model", "path", "layers")]:
-        cells = [_fmt(row[key]) for row in rows]
+        cells = [format_number(row[key], missing="diverged") for row in rows]
         if len(rows) == 2:
             cells.append(f"{rows[1][key] / rows[0][key]:.2f}x")
         table.add_row(key, *cells)
@@ -265,8 +274,8 @@ def _ppl_table(rows: list[dict[str, Any]]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Inference speed of a pruned model against its dense base (see :mod:`evop.speed`)."""
     from evop.config import ModelConfig
-    from evop.models import load_model
-    from evop.speed import add_checkpoint_sizes, compare_speed, format_speed_table
+    from evop.eval.speed import add_checkpoint_sizes, compare_speed, format_speed_table
+    from evop.models.loading import load_model
 
     dense, tokenizer = load_model(ModelConfig(name_or_path=args.base, device=args.device))
     pruned, _ = load_model(ModelConfig(name_or_path=args.model, device=args.device))
@@ -299,7 +308,8 @@ def _ints(text: str) -> list[int]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Search methods side by side (see :mod:`evop.compare`): markdown table plus JSON."""
-    from evop.compare import TABLE_FILE, CompareSpec, Comparison
+    from evop.eval.compare import Comparison
+    from evop.eval.compare_spec import TABLE_FILE, CompareSpec
 
     cfg = _load_cfg(args)
     spec = CompareSpec(
@@ -378,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the full report as JSON here")
     p.set_defaults(func=cmd_bench)
 
-    from evop.compare import MAIN_METHODS
+    from evop.eval.compare_spec import MAIN_METHODS
 
     p = sub.add_parser(
         "compare", help="EvoP vs the baselines (SLEB, ShortGPT, ...) side by side, plus ablations"
@@ -404,10 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _setup_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from evop.assets import AssetError
-    from evop.calibration import CalibrationDataError
-    from evop.checkpoints import StorageError
-    from evop.models import ModelLoadError, UnsupportedModelError
+    from evop.assets.references import AssetError
+    from evop.method.calibration import CalibrationDataError
+    from evop.models.layers import UnsupportedModelError
+    from evop.models.loading import ModelLoadError
+    from evop.storage.checkpoints import StorageError
 
     try:
         return args.func(args)

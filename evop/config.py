@@ -14,8 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from evop.errors import BadInputError
 
-class ConfigError(ValueError):
+
+class ConfigError(BadInputError):
     """An invalid configuration; the message lists one line per problem (field path: reason)."""
 
 

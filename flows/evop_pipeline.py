@@ -28,7 +28,9 @@ from prefect.artifacts import (
 from prefect.context import get_run_context
 
 from evop.config import EvoPConfig
-from evop.pipeline import Run, final_metrics
+from evop.pipeline.evaluation import final_metrics
+from evop.pipeline.store import RunStore
+from evop.records import format_number
 from tasks.calibration import embed_pool, sample_calibration_set, segment_dataset
 from tasks.evaluation import evaluate_perplexity, measure_speed, score_downstream, write_report
 from tasks.pruning import prune_model
@@ -76,10 +78,6 @@ def _artifact_key(config: EvoPConfig, what: str) -> str:
     return f"evop-{what}-{config.search_hash()}"  # lowercase letters, digits and dashes only
 
 
-def _fmt(x: float | None) -> str:
-    return "inf" if x is None or x != x or x == float("inf") else f"{x:.4g}"
-
-
 # No automatic flow retries: transient failures are retried per task, and bad input fails the
 # same way again. The UI's Retry (or a new run) resumes from the checkpoints.
 @flow(name="evop-pipeline")
@@ -94,7 +92,7 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
         A summary: result, pruned model path, perplexities and the checkpoint location.
     """
     log = get_run_logger()
-    run = Run(config)
+    run = RunStore(config)
     log.info("checkpoints of this search: %s", run.url())
     with library_logs_in_run(), gpu_slot():
         pool_url = segment_dataset(config)
@@ -130,8 +128,8 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
                 {
                     "generation": entry["generation"],
                     "phase": entry.get("phase", "ga"),  # "polish": a local-search round after the GA
-                    "best fitness": _fmt(entry["best_fitness"]),
-                    "mean fitness": _fmt(entry["mean_fitness"]),
+                    "best fitness": format_number(entry["best_fitness"], missing='diverged'),
+                    "mean fitness": format_number(entry["mean_fitness"], missing='diverged'),
                     "evaluations": entry["evaluations"],
                     "seconds": round(entry["seconds"], 2),
                     "checkpoint seconds": round(entry["checkpoint_seconds"], 3),
@@ -199,7 +197,7 @@ def _baseline_rows(outcome: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "round": h["step"],
-            "best fitness": _fmt(h["best_fitness"]),
+            "best fitness": format_number(h["best_fitness"], missing='diverged'),
             "evaluations": h["evaluations"],
             "best pattern": h["best_pattern"],
         }
@@ -218,23 +216,28 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
         "",
         "| measure | dense | pruned |",
         "| --- | --- | --- |",
-        *[f"| ppl {k} | {_fmt(ppl['dense'][k])} | {_fmt(ppl['pruned'][k])} |" for k in ppl["dense"]],
+        *[
+            f"| ppl {k} | {format_number(ppl['dense'][k], missing='diverged')} | "
+            f"{format_number(ppl['pruned'][k], missing='diverged')} |"
+            for k in ppl["dense"]
+        ],
     ]
     downstream = summary.get("downstream") or {}
     for task, scores in (downstream.get("dense") or {}).items():
         if isinstance(scores, dict):
             metric = "acc_norm" if scores.get("acc_norm") is not None else "acc"
             lines.append(
-                f"| {task} {metric} | {_fmt(scores.get(metric))} | "
-                f"{_fmt(downstream['pruned'][task].get(metric))} |"
+                f"| {task} {metric} | {format_number(scores.get(metric))} | "
+                f"{format_number(downstream['pruned'][task].get(metric))} |"
             )
     speed = summary.get("speed")
     if speed:
         ratios = speed["ratios"]
         lines += [
             "",
-            f"Speed-up (pruned vs dense): prefill {_fmt(ratios.get('prefill_speedup'))}x, decode "
-            f"{_fmt(ratios.get('decode_speedup'))}x; ideal {_fmt(speed['ideal']['compute'])}x.",
+            f"Speed-up (pruned vs dense): prefill {format_number(ratios.get('prefill_speedup'))}x, "
+            f"decode {format_number(ratios.get('decode_speedup'))}x; "
+            f"ideal {format_number(speed['ideal']['compute'])}x.",
         ]
     lines += ["", f"- checkpoints: [{summary['checkpoints']}]({summary['checkpoints']})",
               f"- pruned model: `{summary['pruned_model']}`"]  # fmt: skip

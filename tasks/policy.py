@@ -22,11 +22,7 @@ IO_RETRY_DELAYS = [1, 2, 5, 10]
 def worth_retrying(task, task_run, state) -> bool:
     """Retry transient failures (storage outage, network); not bad input, which fails the same
     way every time: a wrong config, an unknown model, a missing bucket, refused credentials."""
-    from evop.assets import AssetError
-    from evop.calibration import CalibrationDataError
-    from evop.config import ConfigError
-    from evop.models import ModelLoadError, UnsupportedModelError
-    from evop.registry import RegistryError
+    from evop.errors import EvoPError
 
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
@@ -34,16 +30,9 @@ def worth_retrying(task, task_run, state) -> bool:
             exc = state.result(raise_on_failure=False)
         except Exception as err:  # noqa: BLE001 (whatever it is, it decides the retry)
             exc = err
-    # An unreachable MLflow server is not back within the retry pauses; a re-run retries it.
-    permanent = (
-        ConfigError,
-        CalibrationDataError,
-        ModelLoadError,
-        UnsupportedModelError,
-        AssetError,
-        RegistryError,
-    )
-    return not isinstance(exc, permanent) and getattr(exc, "transient", True)
+    # Permanence is the error's own verdict (evop.errors), the same one the command line reads.
+    # An unreachable MLflow server is permanent too: it is not back within the retry pauses.
+    return not (isinstance(exc, EvoPError) and exc.permanent)
 
 
 def io_task(name: str, **kwargs):

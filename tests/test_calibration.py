@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 
-from evop.calibration import (
+from evop.config import CalibrationConfig
+from evop.method.calibration import (
     CalibrationDataError,
     _allocate,
     block_pool,
@@ -18,7 +19,6 @@ from evop.calibration import (
     random_sample,
     token_blocks,
 )
-from evop.config import CalibrationConfig
 from tests.tiny_models import CharTokenizer, tiny_model
 
 

@@ -18,7 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from evop.checkpoints import (
+from evop.config import SearchConfig
+from evop.method.genetic import GeneticSearch
+from evop.method.patterns import Pattern
+from evop.method.state import SearchState
+from evop.storage.checkpoints import (
     MANIFEST,
     CorruptCheckpointError,
     LocalStore,
@@ -28,9 +32,6 @@ from evop.checkpoints import (
     generation_key,
     open_store,
 )
-from evop.config import SearchConfig
-from evop.patterns import Pattern
-from evop.search import GeneticSearch, SearchState
 
 RUN = "run-a"
 
@@ -182,7 +183,7 @@ def test_corrupted_latest_falls_back_to_the_previous_generation(store, states, c
     key = object_key(last)
     store.put(key, CORRUPTIONS[corruption](store.get(key), states))
 
-    with caplog.at_level(logging.ERROR, logger="evop.checkpoints"):
+    with caplog.at_level(logging.ERROR, logger="evop.storage.checkpoints"):
         resumed = checkpoints.latest()
     assert resumed.to_json() == states[-2].to_json()
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -203,7 +204,7 @@ def test_every_checkpoint_corrupted_gives_none(store, states, caplog):
         checkpoints.save(state)
     for state in states[:3]:
         store.put(object_key(state.generation), b"{}")
-    with caplog.at_level(logging.ERROR, logger="evop.checkpoints"):
+    with caplog.at_level(logging.ERROR, logger="evop.storage.checkpoints"):
         assert checkpoints.latest() is None
     assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 3
 
@@ -249,7 +250,7 @@ def test_unreadable_manifest_is_rebuilt_from_the_objects(store, states, caplog):
     for state in states:
         checkpoints.save(state)
     store.put(f"{RUN}/{MANIFEST}", b'{"generations": [')
-    with caplog.at_level(logging.ERROR, logger="evop.checkpoints"):
+    with caplog.at_level(logging.ERROR, logger="evop.storage.checkpoints"):
         assert checkpoints.latest().to_json() == states[-1].to_json()
     assert any(store.url(f"{RUN}/{MANIFEST}") in r.getMessage() for r in caplog.records)
     # The next save writes a complete manifest again.
@@ -324,7 +325,7 @@ def test_refused_credentials_are_a_clear_error(s3_env, s3_server, monkeypatch, s
 
 
 def test_outage_raises_promptly_and_the_same_store_recovers(s3_env, tmp_path, monkeypatch, states):
-    from evop.s3server import LocalS3Server
+    from evop.storage.s3server import LocalS3Server
 
     with LocalS3Server(tmp_path / "s3") as server:  # its own server: this test stops it
         server.create_bucket("evop-outage")
@@ -371,7 +372,7 @@ def _wait_until_stopped(pid: int, timeout: float = 10.0) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP is POSIX")
 def test_a_hung_server_times_out_instead_of_hanging(s3_env, tmp_path, monkeypatch, states):
-    from evop.s3server import LocalS3Server
+    from evop.storage.s3server import LocalS3Server
 
     with LocalS3Server(tmp_path / "s3") as server:
         server.create_bucket("evop-hang")

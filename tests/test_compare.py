@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from evop.cli import main
-from evop.compare import COMPARE_FILE, MAIN_METHODS, TABLE_FILE, CompareSpec
-from evop.fitness import PatternScorer
+from evop.eval.compare_spec import COMPARE_FILE, MAIN_METHODS, TABLE_FILE, CompareSpec
+from evop.method.fitness import PatternScorer
 from tests.tiny_models import write_docs, write_sentences
 
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from evop.downstream import (
+from evop.eval.downstream import (
     CONTINUATION_TASK,
     LASTWORD_TASK,
     OFFLINE_TAG,
@@ -127,11 +127,11 @@ def test_pruning_costs_downstream_accuracy(tmp_path):
     evop_lastword acc_norm 0.88 (dense) vs 0.28 (pruned), acc 0.89 vs 0.39; evop_continuation
     acc_norm 0.52 vs 0.27. To stay near 90 s only the first 60 last-word examples are scored here.
     """
-    from evop.assets import AssetError, asset_path
+    from evop.assets.references import AssetError, asset_path
     from evop.config import ModelConfig
-    from evop.models import load_model
-    from evop.patterns import Pattern
-    from evop.pruning import prune_layers
+    from evop.method.patterns import Pattern
+    from evop.models.loading import load_model
+    from evop.models.pruning import prune_layers
 
     try:
         news = asset_path("news")

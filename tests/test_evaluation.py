@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evop.config import ConfigError, build_config
-from evop.evaluation import (
+from evop.eval.perplexity import (
     StridedWindows,
     heldout_set,
     perplexities,
@@ -16,7 +16,7 @@ from evop.evaluation import (
     strided_windows,
     text_blocks,
 )
-from evop.fitness import perplexity
+from evop.method.fitness import perplexity
 from tests.tiny_models import tiny_model, tiny_tokenizer, write_docs
 
 

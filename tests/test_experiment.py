@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM
 
 from evop.cli import main
 from evop.config import build_config
-from evop.evaluation import load_blocks
-from evop.experiment import run_search
-from evop.fitness import perplexity
-from evop.models import layers_skipped, num_layers
-from evop.patterns import Pattern
-from evop.pipeline import Run
+from evop.eval.perplexity import load_blocks
+from evop.method.fitness import perplexity
+from evop.method.patterns import Pattern
+from evop.models.layers import layers_skipped, num_layers
+from evop.pipeline.local import run_search
+from evop.pipeline.store import RunStore
 
 
 def _cfg(tiny_dir, text_file, out, **search):
@@ -122,7 +122,7 @@ def test_interrupted_search_resumes_to_the_same_result(tiny_dir, text_file, tmp_
     cfg = _cfg(tiny_dir, text_file, tmp_path / "crashed")
     with pytest.raises(Crash):
         run_search(cfg, on_generation=crash_after_gen_1)
-    assert Run(cfg).checkpoints.latest().generation == 1
+    assert RunStore(cfg).checkpoints.latest().generation == 1
     seen = []
     resumed = run_search(cfg, on_generation=seen.append)
     assert seen[0]["generation"] == 2  # generations 0 and 1 were not recomputed

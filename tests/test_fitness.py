@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from evop.fitness import PatternScorer, nll_to_ppl, perplexity
-from evop.models import layer_access
-from evop.patterns import Pattern
+from evop.method.fitness import PatternScorer, nll_to_ppl, perplexity
+from evop.method.patterns import Pattern
+from evop.models.layers import layer_access
 from tests.tiny_models import random_blocks, tiny_model
 
 

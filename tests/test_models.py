@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from evop.fitness import perplexity
-from evop.models import FAMILIES, UnsupportedModelError, layer_access, layers_skipped, num_layers
-from evop.patterns import Pattern
-from evop.pruning import save_pruned
+from evop.method.fitness import perplexity
+from evop.method.patterns import Pattern
+from evop.models.layers import FAMILIES, UnsupportedModelError, layer_access, layers_skipped, num_layers
+from evop.models.pruning import save_pruned
 from tests.tiny_models import TINY_CONFIGS, random_blocks, tiny_model
 
 FAMILY_NAMES = sorted(TINY_CONFIGS)

@@ -17,9 +17,9 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from evop import pipeline
-from evop.checkpoints import StorageError, generation_key
 from evop.config import build_config
-from evop.models import num_layers
+from evop.models.layers import num_layers
+from evop.storage.checkpoints import StorageError, generation_key
 
 pytest.importorskip("prefect")
 
@@ -58,7 +58,7 @@ def comparable(result: dict) -> dict:
 @pytest.fixture(scope="module")
 def reference(tiny_dir, text_file, tmp_path_factory):
     """An uninterrupted search with the library alone: the result every pipeline run must match."""
-    from evop.experiment import run_search
+    from evop.pipeline.local import run_search
 
     return run_search(make_cfg(tiny_dir, text_file, tmp_path_factory.mktemp("reference")))
 
@@ -243,7 +243,7 @@ def test_library_log_lines_reach_the_flow_run_logs_once(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from evop.pipeline import forget_models
+    from evop.pipeline.cache import forget_models
 
     forget_models()  # so this run loads the model and logs it
     cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", generations=1)
@@ -274,8 +274,8 @@ def sentences_file(tmp_path_factory):
 def test_flow_scores_lm_eval_speed_and_registers_in_mlflow(
     prefect_api, tiny_dir, text_file, sentences_file, tmp_path
 ):
-    from evop.fitness import perplexity
-    from evop.registry import load_registered_model
+    from evop.method.fitness import perplexity
+    from evop.storage.registry import load_registered_model
     from tests.tiny_models import random_blocks
 
     evaluation = {
@@ -310,7 +310,7 @@ def test_flow_scores_lm_eval_speed_and_registers_in_mlflow(
 def test_failed_registration_keeps_results_and_a_rerun_retries_only_it(
     prefect_api, tiny_dir, text_file, tmp_path
 ):
-    from evop.registry import RegistryError
+    from evop.storage.registry import RegistryError
 
     out = tmp_path / "run"
     bad = make_cfg(
@@ -333,7 +333,7 @@ def test_failed_registration_keeps_results_and_a_rerun_retries_only_it(
 
 
 def test_flow_runs_a_baseline_method_as_one_task(prefect_api, tiny_dir, text_file, tmp_path):
-    from evop.experiment import run_search
+    from evop.pipeline.local import run_search
 
     cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", method="sleb")
     summary = evop_pipeline(config=cfg)

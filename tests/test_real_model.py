@@ -14,12 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evop.assets import asset_path
+from evop.assets.references import asset_path
 from evop.cli import main
-from evop.evaluation import load_blocks
-from evop.fitness import PatternScorer, perplexity
-from evop.models import num_layers
-from evop.patterns import Pattern
+from evop.eval.perplexity import load_blocks
+from evop.method.fitness import PatternScorer, perplexity
+from evop.method.patterns import Pattern
+from evop.models.layers import num_layers
 
 pytestmark = pytest.mark.real
 

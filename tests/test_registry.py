@@ -17,10 +17,11 @@ import pytest
 pytest.importorskip("mlflow")
 
 from evop.config import build_config  # noqa: E402
-from evop.experiment import build_result  # noqa: E402
-from evop.patterns import Pattern  # noqa: E402
-from evop.plots import fitness_curve, layer_removal_frequency  # noqa: E402
-from evop.registry import (  # noqa: E402
+from evop.eval.plots import fitness_curve, layer_removal_frequency
+from evop.method.genetic import GeneticSearch
+from evop.method.patterns import Pattern
+from evop.pipeline.results import build_result
+from evop.storage.registry import (
     FLOW_RUN_TAG,
     RUN_KEY_TAG,
     RegistryError,
@@ -29,7 +30,6 @@ from evop.registry import (  # noqa: E402
     log_and_register,
     run_key,
 )
-from evop.search import GeneticSearch  # noqa: E402
 
 NUM_LAYERS = 6
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -61,7 +61,7 @@ def _search(cfg):
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """A tiny pruned checkpoint (dir, pattern) shared by the module; tests only read it."""
-    from evop.pruning import save_pruned
+    from evop.models.pruning import save_pruned
     from tests.tiny_models import tiny_model, tiny_tokenizer
 
     out = tmp_path_factory.mktemp("pruned") / "pruned-model"
@@ -109,8 +109,8 @@ def test_flatten_params_dotted_strings_and_limits():
 def test_round_trip_on_sqlite(tmp_path, pruned, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from evop.fitness import perplexity
-    from evop.models import load_model
+    from evop.method.fitness import perplexity
+    from evop.models.loading import load_model
     from tests.tiny_models import random_blocks
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -237,7 +237,7 @@ def test_unreachable_server_fails_fast_and_leaves_files(tmp_path, pruned):
 
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
-    from evop.registry import tracking_uri
+    from evop.storage.registry import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri(_config(tmp_path)) == f"sqlite:///{(tmp_path / 'out').resolve()}/mlflow.db"

@@ -13,16 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evop.config import SearchConfig
-from evop.patterns import Pattern
-from evop.search import (
-    GeneticSearch,
-    SearchState,
-    crossover,
-    influence_prior,
-    random_pattern,
-    swap_count,
-    swap_mutation,
-)
+from evop.method.genetic import GeneticSearch
+from evop.method.influence import influence_prior
+from evop.method.operators import crossover, random_pattern, swap_count, swap_mutation
+from evop.method.patterns import Pattern
+from evop.method.state import SearchState
 
 
 def search_config(**overrides) -> SearchConfig:
@@ -194,21 +189,6 @@ def test_step_does_not_change_its_input():
     assert state.to_json() == before
 
 
-def test_batch_fitness_gives_the_same_search():
-    fitness = interaction_objective(18, seed=2)
-    batches: list[int] = []
-
-    def batch(patterns):
-        batches.append(len(patterns))
-        return [fitness(p) for p in patterns]
-
-    config = search_config(seed=4, generations=5)
-    single = GeneticSearch(18, 5, config, fitness=fitness).run()
-    batched = GeneticSearch(18, 5, config, batch_fitness=batch).run()
-    assert without_seconds(single) == without_seconds(batched)
-    assert sum(batches) == batched.evaluations and len(batches) == len(batched.history)
-
-
 def test_fitness_is_never_called_twice_for_a_pattern():
     counting = CountingFitness(interaction_objective(10, seed=1))
     config = search_config(protected_layers=[], population=12, generations=40, patience=40, seed=3)
@@ -360,17 +340,6 @@ def test_diverged_candidates_rank_last_and_do_not_crash():
     check_diverged_rank_last(state)
 
 
-def test_diverged_candidates_with_batch_fitness():
-    def batch(patterns):
-        return [diverging(p) for p in patterns]  # one OverflowError fails the whole batch
-
-    config = search_config(protected_layers=[], population=12, generations=5)
-    batched = GeneticSearch(14, 4, config, batch_fitness=batch).run()
-    single = GeneticSearch(14, 4, config, fitness=diverging).run()
-    check_diverged_rank_last(batched)
-    assert without_seconds(batched) == without_seconds(single)
-
-
 def test_all_diverged_generation_zero():
     config = search_config(population=4, generations=2)
     state = GeneticSearch(10, 2, config, lambda p: math.nan).run()
@@ -408,10 +377,6 @@ def test_k_larger_than_removable_layers_is_a_clear_error():
 
 def test_invalid_arguments():
     config = search_config()
-    with pytest.raises(ValueError, match="exactly one"):
-        GeneticSearch(10, 2, config)
-    with pytest.raises(ValueError, match="exactly one"):
-        GeneticSearch(10, 2, config, hashed_fitness, batch_fitness=lambda ps: [0.0] * len(ps))
     with pytest.raises(ValueError, match="out of range"):
         GeneticSearch(10, 2, search_config(protected_layers=[10]), hashed_fitness)
     with pytest.raises(ValueError, match="protected"):

@@ -8,10 +8,7 @@ import math
 import pytest
 import torch
 
-from evop.models import layer_access
-from evop.patterns import Pattern
-from evop.pruning import prune_layers, save_pruned
-from evop.speed import (
+from evop.eval.speed import (
     build_prompt_ids,
     checkpoint_size,
     compare_speed,
@@ -20,6 +17,9 @@ from evop.speed import (
     ideal_speedup,
     measure_inference,
 )
+from evop.method.patterns import Pattern
+from evop.models.layers import layer_access
+from evop.models.pruning import prune_layers, save_pruned
 from tests.tiny_models import VOCAB, save_tiny_model, tiny_model, tiny_tokenizer
 
 PATTERN = Pattern.of(8, [2, 5])  # 8 -> 6 layers
@@ -79,7 +79,7 @@ def test_compare_speed_counts_ratios_and_ideal(pair):
 
 
 def test_batch_size_two_and_identical_inputs(pair, monkeypatch):
-    import evop.speed as speed
+    import evop.eval.speed as speed
 
     dense, pruned = pair
     seen: list[tuple[int, torch.Tensor]] = []

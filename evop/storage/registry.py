@@ -1,28 +1,4 @@
-"""Track a finished EvoP run in MLflow and register its pruned model.
-
-One pipeline run is one MLflow run holding the flattened config as params, the search history as
-per-generation metrics (``step`` = generation), the final perplexities, ``result.json``, the
-pattern, the plots and the pruned Hugging Face directory under ``pruned-model/``. That directory
-becomes a new version of ``cfg.registry.registered_model``.
-
-MLflow 3 notes that shaped this module:
-
-* ``mlflow.register_model("runs:/<id>/pruned-model")`` fails on a plain artifact folder (it
-  expects a logged model), so the version is created with ``MlflowClient.create_model_version``
-  whose ``source`` is the folder's artifact URI.
-* Everything goes through an explicit :class:`~mlflow.tracking.MlflowClient`; nothing touches the
-  global tracking URI or the fluent "active run", so this is safe inside a long-lived worker.
-* An unreachable HTTP tracking server is retried for minutes by default
-  (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``); the first request here is a probe with few retries and a
-  short timeout, so a wrong URI fails in seconds with a :class:`RegistryError`.
-
-Idempotency: the run is tagged ``evop.run_key`` = hash of the whole config. The pipeline is
-deterministic and resumable, so every flow run of one config (a retry, a re-run, a second
-``make demo``) is the same pipeline run continued: a call whose key matches a FINISHED run returns
-that run and its model version instead of logging (and registering) a second time. The Prefect
-flow-run id is only a tag. A run that crashed half-way is marked FAILED and a retry starts a new
-run.
-"""
+"""TODO docstring (from evop.registry)."""
 
 from __future__ import annotations
 
@@ -39,7 +15,8 @@ from urllib.parse import urlparse
 
 from evop.config import EvoPConfig
 from evop.environment import temporary_env
-from evop.fitness import finite_or_none
+from evop.errors import BadInputError
+from evop.records import finite_or_none
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -47,18 +24,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "evop.run_key"
+
+
 """Run tag that makes :func:`log_and_register` idempotent."""
 
+
 FLOW_RUN_TAG = "prefect.flow_run_id"
+
+
 """Key in ``tags`` holding the Prefect flow-run id (part of the run key, copied to the version)."""
 
+
 MODEL_ARTIFACT_PATH = "pruned-model"
+
+
 """Artifact folder of the pruned Hugging Face directory inside the run."""
 
+
 PROBE_RETRIES = 1
+
+
 """HTTP retries of the first request to the tracking server (MLflow's default is 7)."""
 
+
 PROBE_TIMEOUT_S = 5
+
+
 """Seconds the first request to the tracking server may take (MLflow's default is 120)."""
 
 
@@ -72,14 +63,13 @@ _PATTERN_KEYS = (
     "fitness_metric",
     "fitness",
 )
+
+
 """Fields of ``result`` copied into the small ``pattern.json`` artifact."""
 
 
-class RegistryError(RuntimeError):
+class RegistryError(BadInputError, RuntimeError):
     """The run could not be tracked or the model not registered; the message names the URI."""
-
-
-# --------------------------------------------------------------------------- small helpers
 
 
 def tracking_uri(cfg: EvoPConfig) -> str:
@@ -249,7 +239,7 @@ def _write_run_files(
     final_population: Sequence[str] | None,
 ) -> list[Path]:
     """result.json, pattern.json and the two plots, written into ``folder``."""
-    from evop.plots import fitness_curve, layer_removal_frequency
+    from evop.eval.plots import fitness_curve, layer_removal_frequency
 
     (folder / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     pattern = {k: result.get(k) for k in _PATTERN_KEYS}
@@ -264,9 +254,6 @@ def _write_run_files(
         fitness_curve(result.get("history", []), plots / "fitness_curve.png"),
         layer_removal_frequency(population, int(result["num_layers"]), plots / "layer_removal_frequency.png"),
     ]
-
-
-# --------------------------------------------------------------------------- public API
 
 
 def log_and_register(

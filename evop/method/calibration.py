@@ -1,10 +1,4 @@
-"""Calibration data: text -> pool of token blocks -> CCDS sample.
-
-CCDS (cluster-based calibration dataset sampling): embed every candidate block of the pool,
-cluster the embeddings with k-means, and draw the calibration set across the clusters so it
-covers the pool's variety instead of its first or most common texts. ``random`` sampling is kept
-as the ablation baseline.
-"""
+"""TODO docstring (from evop.calibration)."""
 
 from __future__ import annotations
 
@@ -16,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from evop.errors import BadInputError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -24,14 +20,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-class CalibrationDataError(ValueError):
+class CalibrationDataError(BadInputError):
     """The calibration text could not be read, or is too small for the requested sample."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading text
-# ---------------------------------------------------------------------------------------------
 
 
 def _read_local(path: Path, text_field: str) -> list[str]:
@@ -75,7 +65,7 @@ def load_texts(
     Raises:
         CalibrationDataError: naming the source when it cannot be read or holds no text.
     """
-    from evop.assets import resolve_reference
+    from evop.assets.references import resolve_reference
 
     resolved = resolve_reference(source)
     path = Path(resolved)
@@ -107,11 +97,6 @@ def _load_dataset_texts(name: str, config: str | None, split: str, text_field: s
             "set calibration.text_field"
         )
     return list(ds[text_field])
-
-
-# ---------------------------------------------------------------------------------------------
-# Token blocks
-# ---------------------------------------------------------------------------------------------
 
 
 def token_blocks(
@@ -166,11 +151,6 @@ def block_pool(
     return blocks
 
 
-# ---------------------------------------------------------------------------------------------
-# Embedding
-# ---------------------------------------------------------------------------------------------
-
-
 def embed_with_model(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) -> np.ndarray:
     """Mean-pooled last hidden states of ``model`` for each block, L2-normalised: ``(N, H)``."""
     import torch
@@ -189,7 +169,7 @@ def embed_with_sentence_model(texts: list[str], embedder: str, device: str = "cp
     """Sentence-transformers embeddings of ``texts`` (L2-normalised): ``(N, D)``."""
     from sentence_transformers import SentenceTransformer
 
-    from evop.assets import resolve_reference
+    from evop.assets.references import resolve_reference
 
     path = resolve_reference(embedder)
     try:
@@ -197,11 +177,6 @@ def embed_with_sentence_model(texts: list[str], embedder: str, device: str = "cp
     except Exception as err:
         raise CalibrationDataError(f"cannot load sentence embedder {embedder!r}: {err}") from err
     return encoder.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------------
 
 
 def _allocate(sizes: np.ndarray, n: int, rule: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Materialising a pattern: a standard Hugging Face checkpoint with fewer decoder layers."""
+"""TODO docstring (from evop.pruning)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evop.models import check_pattern, keep_only, layer_access
-from evop.patterns import Pattern
+from evop.method.patterns import Pattern
+from evop.models.layers import check_pattern, keep_only, layer_access
 
 if TYPE_CHECKING:
     from torch import nn
 
 log = logging.getLogger(__name__)
-
 
 def prune_layers(model: "nn.Module", pattern: Pattern, base_model: str | None = None) -> "nn.Module":
     """Remove the pattern's layers from ``model`` for good (in place) and return it.

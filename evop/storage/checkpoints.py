@@ -1,14 +1,4 @@
-"""Checkpoint storage for long searches: a local directory or an S3 bucket.
-
-Every finished generation's :class:`~evop.search.SearchState` is written as its own JSON object
-``<prefix>/generations/gen-000003.json`` carrying a SHA-256 of its payload; the manifest
-``<prefix>/manifest.json`` is rewritten only after that object is complete. Loading walks the
-manifest from the newest generation back and takes the first object whose checksum verifies, so a
-corrupted or half-written latest checkpoint costs one generation, never the search.
-
-Credentials for S3 come from the standard AWS chain (environment, ``~/.aws``, instance role);
-they are never read from the EvoP config and never logged.
-"""
+"""TODO docstring (from evop.checkpoints)."""
 
 from __future__ import annotations
 
@@ -22,24 +12,26 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
-from evop.search import SearchState
+from evop.errors import EvoPError
+from evop.method.state import SearchState
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
 
-class StorageError(RuntimeError):
+class StorageError(EvoPError, RuntimeError):
     """The checkpoint store cannot be reached or refused the request (names bucket/path).
 
-    Attributes:
+    Args:
+        message: What failed, naming the bucket or path.
         transient: True when trying again later may succeed (an outage); False for bad input
             that fails the same way every time (missing bucket, refused credentials, bad URI).
     """
 
     def __init__(self, message: str, transient: bool = True):
         super().__init__(message)
-        self.transient = transient
+        self.permanent = not transient
 
 
 class CorruptCheckpointError(StorageError):
@@ -243,6 +235,8 @@ def generation_key(generation: int) -> str:
 
 
 _RESERVED = ("generation", "sha256", "state")
+
+
 """Top-level fields of a checkpoint object that ``extra`` must not override."""
 
 

@@ -1,36 +1,4 @@
-"""Inference speed of a dense and a pruned model: does removing layers make the model faster?
-
-What is measured, for one fixed batch of prompts (``input_ids`` of shape ``(B, T)``, identical for
-every model compared, no padding):
-
-* **prefill**: one forward pass over the whole prompt with ``use_cache=True`` (it builds the KV
-  cache) and, like ``generate``, logits only for the last position where the model supports
-  ``logits_to_keep``; reported as ``B * T / seconds``.
-* **decode**: ``new_tokens`` greedy steps with the KV cache, one token per sequence per step, in a
-  plain loop that feeds the previous step's argmax and ``past_key_values`` back into the model;
-  reported as ``B * new_tokens / seconds``. A manual loop is used rather than
-  ``model.generate(...)`` minus a separately timed prefill: it times exactly the per-token decoder
-  cost (no difference of two noisy timings, no early stop on EOS, no logits processors), and is
-  the same code path for every family. Real serving adds ``generate``'s Python overhead on top,
-  which the pruned model does not shrink, so end-to-end speed-ups are somewhat lower.
-
-Each model gets ``warmup`` untimed runs, then ``runs`` timed runs; the median is reported. On CUDA
-every timing is bracketed by ``torch.cuda.synchronize``. :func:`compare_speed` alternates the two
-models run by run (ABBA order) so slow drift of the machine (thermals, other load) hits both alike.
-
-Memory: ``weights_bytes`` (parameters + buffers) is exact everywhere. ``peak_memory_bytes`` is, on
-CUDA, ``weights_bytes`` plus the peak of ``torch.cuda.max_memory_allocated`` above what was
-allocated before the run (activations, KV cache, logits), i.e. the footprint the model would have
-alone even when both models are resident. On CPU it is approximate: the growth of the process's
-peak RSS (``resource.getrusage``) during the runs, which is 0 when an earlier, bigger allocation
-already set the peak; it is reported as ``peak_rss_delta_bytes`` and no memory ratio is formed from it.
-
-The *ideal* speed-up of removing ``k`` of ``L`` decoder layers, embedding and LM head excluded, is
-``L / (L - k)`` (compute-ideal: every decoder layer costs the same per token). The parameter-based
-ideal (decoder-layer parameters dense / pruned) equals it for homogeneous layers and differs for
-heterogeneous ones; both are reported, and ``measured_vs_ideal`` is the measured decode speed-up
-over the compute-ideal.
-"""
+"""TODO docstring (from evop.speed)."""
 
 from __future__ import annotations
 
@@ -43,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evop.models import layer_access
+from evop.models.layers import layer_access
 
 if TYPE_CHECKING:
     import torch
@@ -59,10 +27,8 @@ DEFAULT_TEXT = (
     "and timber; the clerks count barrels and write the figures into heavy ledgers. "
 )
 
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
-
-
-# --------------------------------------------------------------------------------------------- inputs
 
 
 def build_prompt_ids(
@@ -99,9 +65,6 @@ def build_prompt_ids(
         ids = (ids * reps)[i : i + prompt_len]  # rotate by i, then cut to the prompt length
         rows.append(ids)
     return torch.tensor(rows, dtype=torch.long)  # (B, T)
-
-
-# --------------------------------------------------------------------------------------------- counting
 
 
 def _first_param(model: "nn.Module") -> "torch.Tensor":
@@ -163,13 +126,10 @@ def checkpoint_size(path: str | Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
-# --------------------------------------------------------------------------------------------- timing
-
-
 def add_checkpoint_sizes(report: dict[str, Any], dense_ref: str | None, pruned_ref: str | None) -> None:
     """Record ``checkpoint_bytes`` of each model in ``report`` whose reference is a local directory
     (hub ids and ``evop-assets:`` names are resolved first; others are left out)."""
-    from evop.assets import resolve_reference
+    from evop.assets.references import resolve_reference
 
     for label, ref in (("dense", dense_ref), ("pruned", pruned_ref)):
         local = Path(resolve_reference(ref)) if ref else None
@@ -395,9 +355,6 @@ def compare_speed(
         num_dense,
     )
     return report
-
-
-# --------------------------------------------------------------------------------------------- table
 
 
 def _num(x: float | None, fmt: str = "{:,.1f}") -> str:

@@ -1,9 +1,4 @@
-"""Fitness of a pruning pattern: how much worse the model gets without those layers.
-
-Lower is better. ``ppl`` is the perplexity on the calibration blocks; ``kl`` is the mean KL
-divergence from the dense model's next-token distribution. Patterns are scored *in place*
-(:func:`evop.models.layers_skipped`): the model is never reloaded or copied.
-"""
+"""TODO docstring (from evop.fitness)."""
 
 from __future__ import annotations
 
@@ -14,8 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
-from evop.models import check_pattern, layer_access, layers_kept, num_layers
-from evop.patterns import Pattern
+from evop.method.patterns import Pattern
+from evop.models.layers import check_pattern, layer_access, layers_kept, num_layers
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +19,6 @@ if TYPE_CHECKING:
     from evop.config import FitnessConfig
 
 log = logging.getLogger(__name__)
-
 
 def _batches(blocks: "torch.Tensor", batch_size: int) -> list["torch.Tensor"]:
     return [blocks[i : i + batch_size] for i in range(0, blocks.shape[0], batch_size)]
@@ -58,16 +52,6 @@ def mean_nll(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) ->
 def perplexity(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) -> float:
     """Perplexity ``exp(mean NLL)`` on ``blocks``; ``inf`` when it diverges or overflows."""
     return nll_to_ppl(mean_nll(model, blocks, batch_size))
-
-
-def finite_or_none(value: object) -> float | None:
-    """``value`` as a float, or None when it is no finite number (inf, nan, None, text): how
-    diverged fitness values appear in JSON results, metrics and plots."""
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def nll_to_ppl(nll: float) -> float:

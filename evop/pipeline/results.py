@@ -1,36 +1,19 @@
-"""One EvoP search end to end: model -> CCDS calibration set -> EPPS -> ``result.json``.
-
-This is the library-level composition the CLI runs; the Prefect pipeline composes the same
-library calls as separate, checkpointed steps.
-"""
+"""TODO docstring (from evop.experiment)."""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evop.config import EvoPConfig
-from evop.fitness import finite_or_none
-from evop.patterns import Pattern
-from evop.search import SearchState
+from evop.method.patterns import Pattern
+from evop.method.state import SearchState
+from evop.records import finite_or_none
 
 if TYPE_CHECKING:
-    from evop.baselines import Outcome
+    from evop.method.outcome import Outcome
 
-log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _result(
@@ -103,43 +86,3 @@ def build_outcome_result(
         evaluations=outcome.evaluations, cheap_evaluations=outcome.cheap_evaluations,
         generations=len(outcome.history), stop_reason="finished", history=history, details=outcome.details,
     )  # fmt: skip
-
-
-def run_search(
-    cfg: EvoPConfig, on_generation: Callable[[dict[str, Any]], None] | None = None
-) -> dict[str, Any]:
-    """Run CCDS + EPPS (or the baseline ``cfg.search.method``) for ``cfg`` in this process and
-    write ``result.json`` to ``cfg.output_dir``.
-
-    The same idempotent steps as the Prefect pipeline, called in order: every generation is
-    checkpointed to the store (``cfg.checkpoints``, default ``<output_dir>/checkpoints``), so a
-    re-run of the same config continues from the last checkpoint and ends with the same pattern
-    as an uninterrupted run; a finished search returns at once.
-
-    Args:
-        cfg: The run's configuration.
-        on_generation: Called with each generation's history entry (progress display).
-
-    Returns:
-        The result dictionary (see :func:`build_result`).
-    """
-    from evop import pipeline
-
-    pipeline.segment_dataset(cfg)
-    pipeline.embed_pool(cfg)
-    pipeline.sample_calibration_set(cfg)
-    if cfg.search.method != "evop":
-        pipeline.run_baseline(cfg)
-        return pipeline.finalize_search(cfg)
-    status = pipeline.search_status(cfg)
-    generation = status["generation"] + 1
-    if status["generation"] >= 0:
-        log.info("resuming after generation %d from %s", status["generation"], pipeline.Run(cfg).url())
-    done = status["done"]
-    while not done:
-        entry = pipeline.run_generation(cfg, generation)
-        if on_generation is not None:
-            on_generation(entry)
-        done = entry["done"]
-        generation += 1
-    return pipeline.finalize_search(cfg)

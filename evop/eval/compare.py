@@ -1,111 +1,39 @@
-"""Side-by-side comparison of pattern search methods: same model, calibration set and fitness.
-
-``evop compare`` (and ``benchmarks/compare.py``) runs, for one model:
-
-1. **methods x sparsities**: every method of ``spec.methods`` (see :mod:`evop.baselines`) at every
-   sparsity, on the calibration set of the config; ``random`` gets exactly as many evaluations as
-   EvoP used at that sparsity. Each chosen pattern is scored on held-out text of other domains.
-2. **CCDS vs random sampling**: EvoP on calibration sets drawn both ways, for several seeds;
-   held-out perplexity of the patterns found (mean and spread).
-3. **GA vs greedy**: EvoP (GA + polish), its GA alone and the GA at SLEB's budget next to SLEB's
-   greedy search under the same fitness and calibration set (read from part 1).
-4. **search quality against the optimum**: exhaustive search at a small k gives the true
-   optimum; how often EvoP (several seeds), random search with the same budget and the
-   heuristics find it, and with what share of the evaluations.
-
-Work is shared and resumable: every pattern score goes into a memo per calibration set (saved in
-``out_dir``), so methods never score a pattern twice and a re-run after a crash continues where
-it stopped. Reported search times are what each method would have spent *alone*: the first
-measured cost of every pattern it asked for, shared scores included. Chosen patterns are scored
-on held-out text with their layers skipped in place, which gives the same perplexity as the saved
-pruned checkpoint (``tests/test_models.py``), so no checkpoint is written per row.
-"""
+"""TODO docstring (from evop.compare)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evop.baselines import CountingFitness, Outcome, ScoreMemo, block_influence, run_method
 from evop.config import EvoPConfig
-from evop.experiment import write_json_atomic
-from evop.fitness import finite_or_none
-from evop.patterns import Pattern, layers_to_remove
+from evop.eval.compare_report import render_markdown
+from evop.eval.compare_spec import (
+    AT_SLEB_BUDGET,
+    COMPARE_FILE,
+    MEMO_SAVE_SECONDS,
+    TABLE_FILE,
+    VARIANTS,
+    CompareSpec,
+    domain_name,
+)
+from evop.method.influence import block_influence
+from evop.method.outcome import Outcome
+from evop.method.patterns import Pattern, layers_to_remove
+from evop.method.scoring import CountingFitness, ScoreMemo
+from evop.records import finite_or_none, write_json_atomic
+from evop.searches import run_method
 
 if TYPE_CHECKING:
     import torch
 
-    from evop.fitness import PatternScorer
+    from evop.method.fitness import PatternScorer
 
 log = logging.getLogger(__name__)
-
-MAIN_METHODS = (
-    "evop",
-    "evop-no-polish",
-    "evop-random-init",
-    "sleb",
-    "shortgpt",
-    "ppl-oneshot",
-    "evopress",
-    "random",
-)
-UNSEEDED = "evop-random-init"
-"""EvoP's GA without heuristic seeds (``search.initial_patterns: []``): what seeding buys."""
-UNPOLISHED = "evop-no-polish"
-"""EvoP without the polish rounds (``search.polish_rounds: 0``): what the local search buys."""
-VARIANTS: dict[str, dict[str, Any]] = {
-    UNSEEDED: {"method": "evop", "initial_patterns": []},
-    UNPOLISHED: {"method": "evop", "polish_rounds": 0},
-}
-"""EvoP ablations usable as ``spec.methods``: the search settings each one overrides."""
-AT_SLEB_BUDGET = "evop-sleb-budget"
-"""EvoP's GA alone (no polish) run for as many evaluations as SLEB used (at most): the two
-searches at equal cost."""
-COMPARE_FILE = "compare.json"
-TABLE_FILE = "compare.md"
-MEMO_SAVE_SECONDS = 60.0
-
-
-@dataclass
-class CompareSpec:
-    """What to compare (the model, calibration, search and fitness settings come from the config).
-
-    Attributes:
-        methods: Search methods of the main table (``exhaustive`` only where the space is small).
-        sparsities: Sparsities of the main table.
-        ablation_seeds: Seeds of the CCDS-vs-random ablation (empty: skip it).
-        ablation_sparsity: Sparsity of that ablation (None: the first of ``sparsities``).
-        optimum_k: Layers removed in the optimum check (None: skip it).
-        optimum_seeds: EvoP (and random-search) seeds of the optimum check.
-        lm_eval: Also score each chosen pattern on ``evaluation.tasks`` with lm-eval.
-    """
-
-    methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
-    sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3])
-    ablation_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    ablation_sparsity: float | None = None
-    optimum_k: int | None = 2
-    optimum_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    lm_eval: bool = False
-
-    def __post_init__(self) -> None:
-        from evop.baselines import METHODS
-
-        unknown = [m for m in self.methods if m not in (*METHODS, *VARIANTS)]
-        if unknown:
-            raise ValueError(
-                f"unknown search method(s) {unknown}; choose from {', '.join((*METHODS, *VARIANTS))}"
-            )
-        bad = [s for s in self.sparsities if not 0 < s < 1]
-        if bad or not self.sparsities:
-            raise ValueError(f"sparsities must be non-empty and in (0, 1), got {self.sparsities}")
-
 
 class Comparison:
     """One comparison run: the model loaded once, calibration and held-out sets, memos, results.
@@ -119,7 +47,8 @@ class Comparison:
     """
 
     def __init__(self, cfg: EvoPConfig, spec: CompareSpec, out_dir: str | Path, model: Any = None):
-        from evop.models import load_model, num_layers
+        from evop.models.layers import num_layers
+        from evop.models.loading import load_model
 
         self.cfg = cfg
         self.spec = spec
@@ -202,7 +131,7 @@ class Comparison:
 
     def calibration(self, sampler: str | None = None, seed: int | None = None) -> str:
         """Name of the calibration set drawn with ``sampler``/``seed`` (defaults: the config's)."""
-        from evop.calibration import build_calibration_set
+        from evop.method.calibration import build_calibration_set
 
         c = self.cfg.calibration
         c = c.model_copy(update={"method": sampler or c.method, "seed": c.seed if seed is None else seed})
@@ -219,7 +148,7 @@ class Comparison:
         return name
 
     def scorer(self, calib: str, cheap: bool = False) -> "PatternScorer":
-        from evop.fitness import PatternScorer
+        from evop.method.fitness import PatternScorer
 
         key = f"{calib}/{'cheap' if cheap else 'full'}"
         if key not in self._scorers:
@@ -236,9 +165,9 @@ class Comparison:
         return self._memos[calib].fitness(self.scorer(calib, cheap), cheap)
 
     def heldout_scorers(self) -> dict[str, "PatternScorer"]:
-        from evop.assets import DEFAULT_ASSETS, prepare_assets
-        from evop.evaluation import text_blocks
-        from evop.fitness import PatternScorer
+        from evop.assets.build import DEFAULT_ASSETS, prepare_assets
+        from evop.eval.perplexity import text_blocks
+        from evop.method.fitness import PatternScorer
 
         if self._heldout is None:
             e = self.cfg.evaluation
@@ -249,7 +178,7 @@ class Comparison:
             self._heldout = {}
             for source in e.heldout:
                 blocks = text_blocks(source, self.tokenizer, e.block_len, e.max_blocks)
-                self._heldout[_domain(source)] = PatternScorer(
+                self._heldout[domain_name(source)] = PatternScorer(
                     self.model, blocks, "ppl", e.batch_size, prefix_cache_mb=self.cfg.fitness.prefix_cache_mb
                 )
         return self._heldout
@@ -268,9 +197,8 @@ class Comparison:
         """lm-eval accuracy per task (acc_norm where the task has it) of ``pattern``, in place."""
         if not self.spec.lm_eval or not self.cfg.evaluation.tasks:
             return None
-        from evop.downstream import evaluate_tasks
-        from evop.models import layers_kept
-        from evop.pipeline import task_directory
+        from evop.eval.downstream import evaluate_tasks, task_directory
+        from evop.models.layers import layers_kept
 
         e = self.cfg.evaluation
         include = task_directory(self.cfg.model_copy(update={"output_dir": str(self.out)}), self.tokenizer)
@@ -392,7 +320,7 @@ class Comparison:
 
     def _guarded(self, compute, method: str, sparsity: float | None, k: int) -> dict[str, Any]:
         """A refused search (e.g. exhaustive over too many patterns) becomes a row saying why."""
-        from evop.baselines import SearchTooLargeError
+        from evop.baselines.sampling import SearchTooLargeError
 
         try:
             return compute()
@@ -468,223 +396,3 @@ class Comparison:
             "units": self.results["units"],
             "heldout_scores": self._heldout_memo,
         }
-
-
-def _domain(source: str) -> str:
-    name = source.removeprefix("evop-assets:")
-    return Path(name).stem if "/" in name else name
-
-
-# ---------------------------------------------------------------------------------------------
-# Markdown
-# ---------------------------------------------------------------------------------------------
-
-
-def _f(x: float | None, digits: int = 4) -> str:
-    return "diverged" if x is None else f"{x:.{digits}g}"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The comparison's tables as markdown (what ``compare.md`` holds and ``evop compare`` prints)."""
-    units = report["units"]
-    domains = report["heldout"]["sources"]
-    names = [_domain(s) for s in domains]
-    metric = report["fitness_metric"]
-    L = report["num_layers"]
-    lines = [f"# Layer-pruning search methods on {report['model']} ({L} layers)", ""]
-    calib = report["calibration"]
-    main = next((v for k, v in calib.items() if isinstance(v, dict)), None)
-    if main:
-        lines.append(
-            f"Calibration: {main['method']}, {main['n_samples']} x {main['block_len']} tokens of "
-            f"{calib.get('dataset')}; fitness: calibration {metric}. Held-out: "
-            + ", ".join(
-                f"{n} ({report['heldout']['max_blocks']} x {report['heldout']['block_len']} tokens)"
-                for n in names
-            )
-            + ". Search s: scoring time each method would spend alone."
-            " Best held-out value per sparsity in bold."
-        )
-        lines.append("")
-    header = f"| sparsity | method | removed layers | calib {metric} | " + " | ".join(
-        f"{n} ppl" for n in names
-    )
-    lines += [header + " | evaluations | search s |", "|" + " --- |" * (6 + len(names))]
-    dense = units.get("dense")
-    if dense:
-        lines.append(
-            f"| 0 | dense | - | {_f(dense['calib_fitness'])} | "
-            + " | ".join(_f(dense["heldout_ppl"].get(n)) for n in names)
-            + " | - | - |"
-        )
-    for sparsity in report["spec"]["sparsities"]:
-        rows = [v for key, v in units.items() if key.startswith("main/") and v.get("sparsity") == sparsity]
-        best = {
-            n: min(
-                (r["heldout_ppl"][n] for r in rows if "heldout_ppl" in r and r["heldout_ppl"][n] is not None),
-                default=None,
-            )
-            for n in names
-        }
-        for r in rows:
-            head = f"| {sparsity:.0%} ({r['k']}/{L}) | {r['method']} |"
-            if "skipped" in r:
-                lines.append(f"{head} refused: {r['skipped']} |" + " |" * (3 + len(names)))
-                continue
-            cells = []
-            for n in names:
-                v = r["heldout_ppl"][n]
-                cells.append(f"**{_f(v)}**" if v is not None and v == best[n] else _f(v))
-            evals = str(r["evaluations"]) + (
-                f" (+{r['cheap_evaluations']} cheap)" if r["cheap_evaluations"] else ""
-            )
-            if r["method"] == "shortgpt":
-                evals += " (+1 forward)"
-            lines.append(
-                f"{head} {','.join(map(str, r['removed_layers']))} | {_f(r['calib_fitness'])} | "
-                + " | ".join(cells)
-                + f" | {evals} | {r['search_seconds']:.0f} |"
-            )
-    lines += _ablation_markdown(report, names, metric) + _greedy_markdown(report, names, metric)
-    lines += _optimum_markdown(report)
-    return "\n".join(lines) + "\n"
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return _f(values[0])
-    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
-
-
-def _ablation_markdown(report: dict[str, Any], names: list[str], metric: str) -> list[str]:
-    rows = [v for k, v in report["units"].items() if k.startswith("ablation/")]
-    if not rows:
-        return []
-    spec = report["spec"]
-    sparsity = spec["ablation_sparsity"] or spec["sparsities"][0]
-    lines = [
-        "",
-        f"## Ablation: CCDS vs random calibration sampling (EvoP at {sparsity:.0%}, seeds "
-        f"{', '.join(map(str, spec['ablation_seeds']))})",
-        "",
-        "The calibration ppl is on each run's own calibration set, so only the held-out columns compare.",
-        "",
-        "| sampler | seed | removed layers | own calib "
-        + metric
-        + " | "
-        + " | ".join(f"{n} ppl" for n in names)
-        + " |",
-        "|" + " --- |" * (4 + len(names)),
-    ]
-    for r in sorted(rows, key=lambda r: (r["sampler"], r["seed"])):
-        lines.append(
-            f"| {r['sampler']} | {r['seed']} | {','.join(map(str, r['removed_layers']))} | "
-            f"{_f(r['calib_fitness'])} | " + " | ".join(_f(r["heldout_ppl"][n]) for n in names) + " |"
-        )
-    for sampler in ("ccds", "random"):
-        mine = [r for r in rows if r["sampler"] == sampler]
-        cells = [
-            _mean_std([r["heldout_ppl"][n] for r in mine if r["heldout_ppl"][n] is not None]) for n in names
-        ]
-        lines.append(f"| **{sampler} mean ± std** | {len(mine)} seeds | | | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _greedy_markdown(report: dict[str, Any], names: list[str], metric: str) -> list[str]:
-    units = report["units"]
-    pairs = [
-        (s, units.get(f"main/evop/{s}"), units.get(f"main/sleb/{s}")) for s in report["spec"]["sparsities"]
-    ]
-    pairs = [(s, a, b) for s, a, b in pairs if a and b and "skipped" not in a and "skipped" not in b]
-    if not pairs:
-        return []
-    lines = [
-        "",
-        "## Ablation: EvoP's GA vs SLEB's greedy search (same fitness, same calibration set)",
-        "",
-        f"| sparsity | search | calib {metric} | "
-        + " | ".join(f"{n} ppl" for n in names)
-        + " | evaluations | search s |",
-        "|" + " --- |" * (5 + len(names)),
-    ]
-    for s, ga, greedy in pairs:
-        searches = [("EvoP: GA + polish", ga)]
-        for name, label in (
-            (UNPOLISHED, "GA alone (no polish)"),
-            (UNSEEDED, "GA + polish, random initial population"),
-            (AT_SLEB_BUDGET, "GA alone (no polish), SLEB's budget"),
-        ):
-            extra = units.get(f"main/{name}/{s}")
-            if extra and "skipped" not in extra:
-                searches.append((label, extra))
-        searches.append(("greedy (sleb)", greedy))
-        for label, r in searches:
-            lines.append(
-                f"| {s:.0%} | {label} | {_f(r['calib_fitness'])} | "
-                + " | ".join(_f(r["heldout_ppl"][n]) for n in names)
-                + f" | {r['evaluations']} | {r['search_seconds']:.0f} |"
-            )
-    return lines
-
-
-def _optimum_markdown(report: dict[str, Any]) -> list[str]:
-    units = report["units"]
-    spec = report["spec"]
-    k = spec["optimum_k"]
-    best = units.get(f"optimum/exhaustive/{k}")
-    if not best:
-        return []
-    if "skipped" in best:
-        return ["", f"## Search quality against the optimum: skipped ({best['skipped']})"]
-    space = best["evaluations"]
-    optimum = best["calib_fitness"]
-    lines = [
-        "",
-        f"## Search quality against the optimum (k={k} of {report['num_layers']} layers)",
-        "",
-        f"Exhaustive search scored all {space} patterns: optimum {best['pattern']} with calibration "
-        f"fitness {_f(optimum, 6)}.",
-        "",
-        "| method | runs | found the optimum | mean evaluations | share of the space "
-        "| evaluations until found (mean) | mean fitness above optimum |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-
-    def found(r: dict[str, Any]) -> bool:
-        return (
-            r["calib_fitness"] is not None
-            and optimum is not None
-            and r["calib_fitness"] <= optimum * (1 + 1e-9)
-        )
-
-    def gap(rs: list[dict[str, Any]]) -> str:
-        gaps = [
-            (r["calib_fitness"] / optimum - 1) * 100 for r in rs if r["calib_fitness"] is not None and optimum
-        ]
-        return f"{statistics.mean(gaps):+.2f}%" if gaps else "-"
-
-    def until_found(rs: list[dict[str, Any]]) -> str:
-        hits = [r.get("evaluations_to_best", r["evaluations"]) for r in rs if found(r)]
-        return f"{statistics.mean(hits):.0f} ({statistics.mean(hits) / space:.0%})" if hits else "-"
-
-    for method in ("evop", "random"):
-        rs = [
-            units[f"optimum/{method}/{s}"] for s in spec["optimum_seeds"] if f"optimum/{method}/{s}" in units
-        ]
-        if rs:
-            evals = statistics.mean(r["evaluations"] for r in rs)
-            label = "evop (GA + polish)" if method == "evop" else "random, same budget"
-            lines.append(
-                f"| {label} | {len(rs)} seeds | {sum(map(found, rs))}/{len(rs)} | {evals:.0f} | "
-                f"{evals / space:.0%} | {until_found(rs)} | {gap(rs)} |"
-            )
-    for method in ("sleb", "ppl-oneshot", "shortgpt"):
-        r = units.get(f"optimum/{method}")
-        if r:
-            lines.append(
-                f"| {method} | 1 | {'yes' if found(r) else 'no'} | {r['evaluations']} | "
-                f"{r['evaluations'] / space:.0%} | {until_found([r])} | {gap([r])} |"
-            )
-    return lines

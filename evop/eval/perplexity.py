@@ -1,17 +1,12 @@
-"""Perplexity of dense and pruned models on calibration blocks and held-out text.
-
-The protocol of the layer-pruning papers (WikiText-2 style): the held-out text is one token
-stream (documents joined by EOS) cut into fixed-length windows, non-overlapping by default; with
-a stride below the window length the windows overlap and each scores only its new tokens.
-"""
+"""TODO docstring (from evop.evaluation)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from evop.calibration import load_texts, token_blocks
-from evop.fitness import perplexity
+from evop.method.calibration import load_texts, token_blocks
+from evop.method.fitness import perplexity
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +22,7 @@ def text_blocks(
     Raises:
         CalibrationDataError: when the source cannot be read or yields no full block.
     """
-    from evop.calibration import CalibrationDataError
+    from evop.method.calibration import CalibrationDataError
 
     blocks = token_blocks(load_texts(source, text_field=text_field), tokenizer, block_len, max_blocks)
     if blocks.shape[0] == 0:
@@ -64,7 +59,7 @@ def strided_windows(
     """
     import torch
 
-    from evop.calibration import CalibrationDataError
+    from evop.method.calibration import CalibrationDataError
 
     if not 1 <= stride <= block_len:
         raise ValueError(f"stride must be in [1, block_len={block_len}], got {stride}")
@@ -84,7 +79,7 @@ def strided_perplexity(model: "nn.Module", data: StridedWindows, batch_size: int
     import torch
     import torch.nn.functional as F
 
-    from evop.fitness import nll_to_ppl
+    from evop.method.fitness import nll_to_ppl
 
     device = next(model.parameters()).device
     total, count = 0.0, 0

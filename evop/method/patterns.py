@@ -1,14 +1,13 @@
-"""Pruning patterns: which decoder layers a pruned model drops.
-
-A *pattern* is the sorted set of removed layer indices of a model with ``num_layers``
-decoder layers. It is frozen and hashable so it can key the fitness memo, be logged as one
-line (``"1,5,7/30"``) and be read back from that line or from JSON.
-"""
+"""TODO docstring (from evop.patterns, evop.search, evop.baselines)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    pass
 
 
 @dataclass(frozen=True, order=True)
@@ -82,3 +81,33 @@ def layers_to_remove(num_layers: int, sparsity: float | None = None, count: int 
             f"removing {k} of {num_layers} layers is not a pruning (need 1 <= k <= {num_layers - 1})"
         )
     return k
+
+
+def resolve_protected(num_layers: int, protected: Sequence[int]) -> list[int]:
+    """Turn protected layer indices (negative = from the end) into sorted indices in ``[0, L)``.
+
+    Raises:
+        ValueError: if an index is outside ``[-L, L)``.
+    """
+    resolved = set()
+    for index in protected:
+        if not -num_layers <= index < num_layers:
+            raise ValueError(f"protected layer {index} is out of range for {num_layers} layers")
+        resolved.add(index % num_layers)
+    return sorted(resolved)
+
+
+def removable_layers(num_layers: int, protected: Sequence[int], k: int) -> list[int]:
+    """The layers a method may remove, after checking ``k`` fits.
+
+    Raises:
+        ValueError: if ``k`` is not in ``[1, number of removable layers]`` or leaves no layer.
+    """
+    guarded = set(resolve_protected(num_layers, protected))
+    candidates = [i for i in range(num_layers) if i not in guarded]
+    if not 1 <= k <= len(candidates) or k >= num_layers:
+        raise ValueError(
+            f"cannot remove k={k} layers: {len(candidates)} of {num_layers} layers are removable "
+            f"(protected: {sorted(guarded)}) and at least one layer must stay"
+        )
+    return candidates

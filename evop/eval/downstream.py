@@ -1,30 +1,4 @@
-"""Downstream accuracy with lm-evaluation-harness, offline: tasks built from held-out text.
-
-Perplexity on calibration-like text is what the search optimises; downstream accuracy is the check
-that a pruned model still *does* something. The standard benchmarks (ARC, HellaSwag, PIQA...) need
-the Hugging Face Hub for their data, so :func:`build_offline_tasks` writes two zero-shot tasks from
-any local text (``evop-assets:news`` by default in the demo), as plain lm-eval task directories
-(YAML + a local jsonl) that need no network:
-
-``evop_lastword``
-    LAMBADA-style: a passage of 2-4 sentences (at most :data:`MAX_PASSAGE_WORDS` words) without
-    its last word; the model picks that word among 4 choices (the true word and 3 distractors: the
-    last words of other passages of the same text, matched in length so that the summed
-    log-likelihood (``acc``) is not biased towards short words).
-``evop_continuation``
-    A passage of 2-3 sentences; the model picks its true next sentence among 4 (3 distractors:
-    sentences, of similar length, from *other* documents).
-
-Both are ``multiple_choice`` (``acc`` compares summed log-likelihoods, ``acc_norm`` the
-log-likelihood per byte). Multiple choice rather than LAMBADA's greedy exact match: a 135M model
-rarely reproduces the exact word greedily, so exact match sits near 0 for dense and pruned models
-alike; ranking 4 candidates keeps the score in a range where the models differ, and ``chance`` is
-known (0.25).
-
-:func:`evaluate_tasks` runs ``lm_eval.simple_evaluate`` on a model already in memory (pruned or
-not) through ``HFLM(pretrained=<model object>)``. Standard task names go through lm-eval's own
-registry, and fail offline when their data are not cached (the error names the missing dataset).
-"""
+"""TODO docstring (from evop.downstream, evop.pipeline)."""
 
 from __future__ import annotations
 
@@ -41,38 +15,61 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evop.environment import temporary_env
+from evop.errors import BadInputError
 
 if TYPE_CHECKING:
     from torch import nn
+from evop.config import EvoPConfig
+
+if TYPE_CHECKING:
+
+    pass
 
 log = logging.getLogger(__name__)
 
 LASTWORD_TASK = "evop_lastword"
+
+
 CONTINUATION_TASK = "evop_continuation"
+
+
 OFFLINE_TASKS: tuple[str, ...] = (LASTWORD_TASK, CONTINUATION_TASK)
+
+
 # lm-eval tag that names both offline tasks at once.
 OFFLINE_TAG = "evop_offline"
+
+
 N_CHOICES = 4
+
+
 MAX_PASSAGE_WORDS = 60
+
+
 # Sentences shorter than this (in words) are headlines, bylines or fragments: never used.
 MIN_SENTENCE_WORDS = 4
+
+
 # Metrics copied from lm-eval's result rows, with their standard errors.
 _METRICS = ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
 # The variables that keep transformers / datasets / huggingface_hub off the network.
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
+
 # A sentence ends at . ! or ? (optionally followed by a closing quote or bracket) and whitespace.
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+")
+
+
 _WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*[A-Za-z]$")
+
+
 _TRAILING_PUNCT = re.compile(r"[\"').,;:!?\]]+$")
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(BadInputError):
     """A task name that neither the local task directories nor lm-eval's registry know."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Building the tasks
 
 
 def split_sentences(text: str) -> list[str]:
@@ -261,10 +258,6 @@ def build_offline_tasks(
     return out_dir
 
 
-# --------------------------------------------------------------------------------------------------
-# Evaluating
-
-
 @contextlib.contextmanager
 def offline_hf_env() -> Iterator[None]:
     """Hub-offline flags and a private, temporary ``HF_HOME`` / ``HF_DATASETS_CACHE`` while the
@@ -378,3 +371,23 @@ def evaluate_tasks(
     accs = [s["acc"] for s in results.values() if s.get("acc") is not None]
     results["mean_acc"] = sum(accs) / len(accs) if accs else None
     return results
+
+
+def task_directory(cfg: EvoPConfig, tokenizer: Any) -> Path | None:
+    """A directory with every lm-eval task YAML the run needs: the offline tasks built from
+    ``evaluation.task_source`` (when asked for) plus a link to ``evaluation.include_path``."""
+    from evop.assets.references import resolve_reference
+    pass
+
+    e = cfg.evaluation
+    root = Path(cfg.output_dir) / "lm-eval-tasks"
+    if any(t in OFFLINE_TASKS for t in e.tasks):
+        build_offline_tasks(
+            root / "evop-offline", resolve_reference(e.task_source), e.task_examples, 0, tokenizer
+        )
+    if e.include_path:
+        root.mkdir(parents=True, exist_ok=True)
+        link = root / "user-tasks"
+        if not link.exists():
+            link.symlink_to(Path(e.include_path).resolve(), target_is_directory=True)
+    return root if root.exists() else None

@@ -1,0 +1,58 @@
+"""TODO docstring (from evop.baselines)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from evop.method.outcome import Outcome
+from evop.method.patterns import Pattern, removable_layers
+from evop.method.scoring import CountingFitness, FitnessFn
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+def _best(scores: dict[int, float]) -> int:
+    """The layer of lowest score; ties go to the lower index, so results are deterministic."""
+    return min(scores, key=lambda layer: (scores[layer], layer))
+
+
+def sleb(fitness: FitnessFn, num_layers: int, k: int, protected: Sequence[int] = ()) -> Outcome:
+    """SLEB: remove one layer per round, the one whose removal gives the lowest fitness, re-scoring
+    every remaining layer each round (k rounds, about k x L evaluations)."""
+    start = time.perf_counter()
+    f = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
+    candidates = removable_layers(num_layers, protected, k)
+    removed: list[int] = []
+    history = []
+    best_value = math.inf
+    for step in range(k):
+        scores = {c: f(Pattern.of(num_layers, [*removed, c])) for c in candidates if c not in removed}
+        choice = _best(scores)
+        removed.append(choice)
+        best_value = scores[choice]
+        history.append(
+            {
+                "step": step + 1,
+                "best_fitness": best_value,
+                "best_pattern": str(Pattern.of(num_layers, removed)),
+                "evaluations": f.evaluations,
+                "removed_now": choice,
+            }
+        )
+        log.info("sleb round %d: removes layer %d (fitness %.6g)", step + 1, choice, best_value)
+    pattern = Pattern.of(num_layers, removed)
+    return Outcome(
+        "sleb",
+        pattern,
+        best_value,
+        f.evaluations,
+        time.perf_counter() - start,
+        history=history,
+        details={"removal_order": removed},
+    )

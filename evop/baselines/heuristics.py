@@ -1,0 +1,69 @@
+"""TODO docstring (from evop.baselines)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from evop.method.influence import lowest_influence
+from evop.method.outcome import Outcome
+from evop.method.patterns import Pattern, removable_layers
+from evop.method.scoring import CountingFitness, FitnessFn
+
+if TYPE_CHECKING:
+    pass
+
+
+def ppl_oneshot(fitness: FitnessFn, num_layers: int, k: int, protected: Sequence[int] = ()) -> Outcome:
+    """Shortened LLaMA's PPL criterion: score every single-layer removal once, remove the k least
+    harmful together (one more evaluation scores the final pattern)."""
+    start = time.perf_counter()
+    f = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
+    candidates = removable_layers(num_layers, protected, k)
+    single = {c: f(Pattern.of(num_layers, [c])) for c in candidates}
+    chosen = sorted(candidates, key=lambda c: (single[c], c))[:k]
+    pattern = Pattern.of(num_layers, chosen)
+    value = f(pattern)
+    history = [{"step": 1, "best_fitness": value, "best_pattern": str(pattern), "evaluations": f.evaluations}]
+    return Outcome(
+        "ppl-oneshot",
+        pattern,
+        value,
+        f.evaluations,
+        time.perf_counter() - start,
+        history=history,
+        details={"single_layer_fitness": {str(c): single[c] for c in candidates}},
+    )
+
+
+def shortgpt(
+    influence: Sequence[float],
+    fitness: FitnessFn,
+    num_layers: int,
+    k: int,
+    protected: Sequence[int] = (),
+    influence_seconds: float = 0.0,
+) -> Outcome:
+    """ShortGPT: remove the k layers of lowest Block Influence (see :func:`block_influence`).
+
+    Args:
+        influence: Block Influence of every layer (``num_layers`` values).
+        fitness: Scores the chosen pattern once, for the report.
+        influence_seconds: Time it took to measure ``influence`` (added to the outcome's time).
+    """
+    start = time.perf_counter()
+    f = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
+    pattern = lowest_influence(influence, num_layers, k, protected)
+    value = f(pattern)
+    history = [{"step": 1, "best_fitness": value, "best_pattern": str(pattern), "evaluations": f.evaluations}]
+    seconds = time.perf_counter() - start + influence_seconds
+    return Outcome(
+        "shortgpt",
+        pattern,
+        value,
+        f.evaluations,
+        seconds,
+        history=history,
+        details={"block_influence": [round(float(x), 6) for x in influence]},
+    )

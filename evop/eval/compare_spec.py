@@ -1,0 +1,96 @@
+"""What a comparison compares: the methods, the EvoP ablation variants and the output files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAIN_METHODS = (
+    "evop",
+    "evop-no-polish",
+    "evop-random-init",
+    "sleb",
+    "shortgpt",
+    "ppl-oneshot",
+    "evopress",
+    "random",
+)
+
+
+UNSEEDED = "evop-random-init"
+
+
+"""EvoP's GA without heuristic seeds (``search.initial_patterns: []``): what seeding buys."""
+
+
+UNPOLISHED = "evop-no-polish"
+
+
+"""EvoP without the polish rounds (``search.polish_rounds: 0``): what the local search buys."""
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    UNSEEDED: {"method": "evop", "initial_patterns": []},
+    UNPOLISHED: {"method": "evop", "polish_rounds": 0},
+}
+
+
+"""EvoP ablations usable as ``spec.methods``: the search settings each one overrides."""
+
+
+AT_SLEB_BUDGET = "evop-sleb-budget"
+
+
+"""EvoP's GA alone (no polish) run for as many evaluations as SLEB used (at most): the two
+searches at equal cost."""
+
+
+COMPARE_FILE = "compare.json"
+
+
+TABLE_FILE = "compare.md"
+
+
+MEMO_SAVE_SECONDS = 60.0
+
+
+@dataclass
+class CompareSpec:
+    """What to compare (the model, calibration, search and fitness settings come from the config).
+
+    Attributes:
+        methods: Search methods of the main table (``exhaustive`` only where the space is small).
+        sparsities: Sparsities of the main table.
+        ablation_seeds: Seeds of the CCDS-vs-random ablation (empty: skip it).
+        ablation_sparsity: Sparsity of that ablation (None: the first of ``sparsities``).
+        optimum_k: Layers removed in the optimum check (None: skip it).
+        optimum_seeds: EvoP (and random-search) seeds of the optimum check.
+        lm_eval: Also score each chosen pattern on ``evaluation.tasks`` with lm-eval.
+    """
+
+    methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
+    sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3])
+    ablation_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    ablation_sparsity: float | None = None
+    optimum_k: int | None = 2
+    optimum_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    lm_eval: bool = False
+
+    def __post_init__(self) -> None:
+        from evop.searches import METHODS
+
+        unknown = [m for m in self.methods if m not in (*METHODS, *VARIANTS)]
+        if unknown:
+            raise ValueError(
+                f"unknown search method(s) {unknown}; choose from {', '.join((*METHODS, *VARIANTS))}"
+            )
+        bad = [s for s in self.sparsities if not 0 < s < 1]
+        if bad or not self.sparsities:
+            raise ValueError(f"sparsities must be non-empty and in (0, 1), got {self.sparsities}")
+
+
+def domain_name(source: str) -> str:
+    """The short name of a held-out text source (``evop-assets:news`` -> ``news``, a path -> its stem)."""
+    name = source.removeprefix("evop-assets:")
+    return Path(name).stem if "/" in name else name

@@ -1,0 +1,50 @@
+"""TODO docstring (from evop.pipeline)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from evop.config import EvoPConfig
+from evop.pipeline.store import BLOCKS, RunStore
+
+if TYPE_CHECKING:
+
+    from evop.method.fitness import PatternScorer
+
+
+_MODELS: dict[str, tuple[Any, Any]] = {}
+
+
+_SCORERS: dict[str, "PatternScorer"] = {}
+
+
+def cached_model(cfg: EvoPConfig) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for ``cfg.model``, loaded once per process and kept."""
+    from evop.models.loading import load_model
+
+    key = cfg.model.model_dump_json()
+    if key not in _MODELS:
+        _MODELS[key] = load_model(cfg.model)
+    return _MODELS[key]
+
+
+def cached_scorer(run: RunStore) -> "PatternScorer":
+    """The pattern scorer of this run (model + calibration blocks), built once per process."""
+    from evop.method.fitness import PatternScorer
+
+    key = run.prefix
+    if key not in _SCORERS:
+        blocks = run.get_tensor(BLOCKS)
+        if blocks is None:
+            raise RuntimeError(
+                f"no calibration blocks at {run.url(BLOCKS)}: sample the calibration set first"
+            )
+        model, _ = cached_model(run.cfg)
+        _SCORERS[key] = PatternScorer.from_config(model, blocks, run.cfg.fitness)
+    return _SCORERS[key]
+
+
+def forget_models() -> None:
+    """Drop the process-wide model cache (tests; freeing GPU memory)."""
+    _MODELS.clear()
+    _SCORERS.clear()

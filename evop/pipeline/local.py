@@ -1,0 +1,53 @@
+"""TODO docstring (from evop.experiment)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from evop.config import EvoPConfig
+from evop.pipeline import search as steps
+from evop.pipeline.store import RunStore
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+def run_search(
+    cfg: EvoPConfig, on_generation: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Run CCDS + EPPS (or the baseline ``cfg.search.method``) for ``cfg`` in this process and
+    write ``result.json`` to ``cfg.output_dir``.
+
+    The same idempotent steps as the Prefect pipeline, called in order: every generation is
+    checkpointed to the store (``cfg.checkpoints``, default ``<output_dir>/checkpoints``), so a
+    re-run of the same config continues from the last checkpoint and ends with the same pattern
+    as an uninterrupted run; a finished search returns at once.
+
+    Args:
+        cfg: The run's configuration.
+        on_generation: Called with each generation's history entry (progress display).
+
+    Returns:
+        The result dictionary (see :func:`build_result`).
+    """
+    steps.segment_dataset(cfg)
+    steps.embed_pool(cfg)
+    steps.sample_calibration_set(cfg)
+    if cfg.search.method != "evop":
+        steps.run_baseline(cfg)
+        return steps.finalize_search(cfg)
+    status = steps.search_status(cfg)
+    generation = status["generation"] + 1
+    if status["generation"] >= 0:
+        log.info("resuming after generation %d from %s", status["generation"], RunStore(cfg).url())
+    done = status["done"]
+    while not done:
+        entry = steps.run_generation(cfg, generation)
+        if on_generation is not None:
+            on_generation(entry)
+        done = entry["done"]
+        generation += 1
+    return steps.finalize_search(cfg)

@@ -1,0 +1,268 @@
+"""TODO docstring (from evop.pipeline)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evop.config import EvoPConfig
+from evop.method.patterns import layers_to_remove
+from evop.pipeline.cache import cached_model, cached_scorer
+from evop.pipeline.store import (
+    BASELINE_MEMO,
+    BASELINE_OUTCOME,
+    BLOCKS,
+    EMBEDDINGS,
+    INITIAL_PATTERNS,
+    POOL,
+    RESULT,
+    SAMPLE,
+    RunStore,
+    _require_tensor,
+)
+
+if TYPE_CHECKING:
+    from evop.method.genetic import GeneticSearch
+
+log = logging.getLogger(__name__)
+
+MEMO_SAVE_SECONDS = 30.0  # how often a baseline's new scores are written to the store
+
+
+def segment_dataset(cfg: EvoPConfig) -> str:
+    """Read the calibration text and cut the candidate pool of token blocks.
+
+    Returns:
+        The pool's URL in the store.
+    """
+    from evop.method.calibration import block_pool, load_texts
+    from evop.models.loading import load_tokenizer
+
+    run = RunStore(cfg)
+    if run.get(POOL) is None:
+        c = cfg.calibration
+        texts = load_texts(c.dataset, c.dataset_config, c.split, c.text_field)
+        pool = block_pool(texts, load_tokenizer(cfg.model), c.block_len, c.pool_size, c.seed, c.n_samples)
+        run.put_tensor(POOL, pool)
+        log.info("pool of %d blocks x %d tokens -> %s", pool.shape[0], pool.shape[1], run.url(POOL))
+    return run.url(POOL)
+
+
+def embed_pool(cfg: EvoPConfig) -> str | None:
+    """Embed the pool blocks for CCDS (nothing to do for random sampling).
+
+    Returns:
+        The embeddings' URL, or None for ``method: random``.
+    """
+    from evop.method.calibration import embed_pool as embed
+
+    if cfg.calibration.method != "ccds":
+        return None
+    run = RunStore(cfg)
+    if run.get(EMBEDDINGS) is None:
+        pool = _require_tensor(run, POOL)
+        if cfg.calibration.embedder == "model":
+            model, tokenizer = cached_model(cfg)
+        else:
+            from evop.models.loading import load_tokenizer
+
+            model, tokenizer = None, load_tokenizer(cfg.model)
+        run.put_array(EMBEDDINGS, embed(pool, cfg.calibration, tokenizer, model))
+    return run.url(EMBEDDINGS)
+
+
+def sample_calibration_set(cfg: EvoPConfig) -> dict[str, Any]:
+    """Draw the calibration blocks from the pool (CCDS or random).
+
+    Returns:
+        The calibration summary (method, n_samples, block_len, n_clusters, ...).
+    """
+    from evop.method.calibration import sample_pool
+
+    run = RunStore(cfg)
+    saved = run.get_json(SAMPLE)
+    if saved is not None and run.get(BLOCKS) is not None:
+        return saved["summary"]
+    pool = _require_tensor(run, POOL)
+    embeddings = run.get_array(EMBEDDINGS) if cfg.calibration.method == "ccds" else None
+    calib = sample_pool(pool, cfg.calibration, embeddings)
+    run.put_tensor(BLOCKS, calib.blocks)
+    run.put_json(SAMPLE, {"pool_indices": calib.pool_indices, "summary": calib.summary()})
+    return calib.summary()
+
+
+def _search(run: RunStore) -> "GeneticSearch":
+    """EvoP's GA for this run, assembled by :func:`evop.method.epps.build_search` from the stored seeding."""
+    from evop.method.epps import Seeding, build_search
+
+    scorer = cached_scorer(run)
+    k = layers_to_remove(scorer.num_layers, run.cfg.search.sparsity, run.cfg.search.num_remove)
+    seeding = Seeding.from_json(seed_search(run.cfg))
+    return build_search(run.cfg.search, scorer.num_layers, k, scorer, seeding)
+
+
+def seed_search(cfg: EvoPConfig) -> dict[str, Any]:
+    """The heuristic patterns seeding EvoP's initial population (``search.initial_patterns``) and
+    the Block Influence behind its mutation prior (:func:`evop.method.epps.seed_search`), computed
+    once and kept in the store, so every resume continues the same search.
+
+    Returns:
+        The :class:`~evop.method.epps.Seeding` as JSON: ``patterns``, ``block_influence``,
+        ``evaluations`` (patterns scored only to find the seeds) and ``seconds``.
+    """
+    from evop.method.epps import seed_search as seed
+    from evop.method.influence import block_influence
+
+    run = RunStore(cfg)
+    saved = run.get_json(INITIAL_PATTERNS)
+    if saved is not None:
+        return saved
+    scorer = cached_scorer(run)
+    k = layers_to_remove(scorer.num_layers, cfg.search.sparsity, cfg.search.num_remove)
+    seeding = seed(
+        cfg.search,
+        scorer.num_layers,
+        k,
+        scorer,
+        influence=lambda: block_influence(scorer.model, scorer.blocks, cfg.fitness.batch_size),
+    )
+    data = seeding.to_json()
+    run.put_json(INITIAL_PATTERNS, data)
+    if seeding.patterns:
+        log.info(
+            "initial population seeded with %s (%s)", seeding.patterns, ", ".join(cfg.search.initial_patterns)
+        )
+    return data
+
+
+def search_status(cfg: EvoPConfig) -> dict[str, Any]:
+    """Where the search stands in the store: ``{"generation": g, "done": bool}`` (g = -1: none)."""
+    state = RunStore(cfg).checkpoints.latest()
+    if state is None:
+        return {"generation": -1, "done": False}
+    return {"generation": state.generation, "done": state.done}
+
+
+def run_generation(cfg: EvoPConfig, generation: int) -> dict[str, Any]:
+    """Make sure generation ``generation`` of the search is done and checkpointed.
+
+    Resumes from the newest verified checkpoint: generations already in the store are not
+    recomputed (a corrupted newest one costs that generation only).
+
+    Returns:
+        That generation's history entry plus ``done``, ``best_pattern``, ``evaluations`` and the
+        checkpoint's URL.
+    """
+    run = RunStore(cfg)
+    state = run.checkpoints.latest()
+    search = None
+    checkpoint_seconds = 0.0
+    while state is None or (state.generation < generation and not state.done):
+        search = search or _search(run)
+        state = search.step(state or search.initial_state())
+        start = time.perf_counter()
+        url = run.checkpoints.save(state)
+        checkpoint_seconds = time.perf_counter() - start
+        log.info("checkpointed generation %d in %.3f s -> %s", state.generation, checkpoint_seconds, url)
+    entry = next((h for h in state.history if h["generation"] == generation), state.history[-1])
+    return {
+        **entry,
+        "done": state.done,
+        "stop_reason": state.stop_reason,
+        "total_evaluations": state.evaluations,
+        "checkpoint_seconds": checkpoint_seconds,
+    }
+
+
+def run_baseline(cfg: EvoPConfig) -> dict[str, Any]:
+    """Run the baseline search ``cfg.search.method`` (anything but ``evop``) to the end, once.
+
+    Baselines are deterministic given the config, so their checkpoint is the memo of scores:
+    it is written to the store every ``MEMO_SAVE_SECONDS`` and a re-run replays the method
+    against it, re-scoring only what was not saved.
+
+    Returns:
+        The :class:`~evop.baselines.Outcome` as JSON.
+    """
+    from evop.method.influence import block_influence
+    from evop.method.patterns import layers_to_remove
+    from evop.method.scoring import ScoreMemo
+    from evop.searches import run_method
+
+    run = RunStore(cfg)
+    saved = run.get_json(BASELINE_OUTCOME)
+    if saved is not None:
+        return saved
+    s = cfg.search
+    scorer = cached_scorer(run)
+    memo = ScoreMemo(
+        lambda data: run.put_json(BASELINE_MEMO, data), run.get_json(BASELINE_MEMO), every=MEMO_SAVE_SECONDS
+    )
+    if len(memo):
+        log.info("resuming %s with %d saved scores from %s", s.method, len(memo), run.url(BASELINE_MEMO))
+    cheap = None
+    if s.method == "evopress":
+        cheap = memo.fitness(scorer.first_blocks(s.evopress_cheap_fraction), cheap=True)
+    n = scorer.num_layers
+    k = layers_to_remove(n, s.sparsity, s.num_remove)
+    outcome = run_method(
+        s,
+        n,
+        k,
+        memo.fitness(scorer),
+        cheap,
+        influence=lambda: block_influence(scorer.model, scorer.blocks, cfg.fitness.batch_size),
+    )
+    memo.flush()
+    data = outcome.to_json()
+    run.put_json(BASELINE_OUTCOME, data)
+    log.info(
+        "%s removes %s (fitness %s) after %d evaluations in %.1f s",
+        s.method,
+        list(outcome.pattern.removed),
+        data["fitness"],
+        outcome.evaluations,
+        outcome.seconds,
+    )
+    return data
+
+
+def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
+    """Build ``result.json`` from the final checkpoint; write it to the store and ``output_dir``
+    (with ``calibration.safetensors`` beside it for later perplexity checks)."""
+    from evop.eval.perplexity import save_blocks
+    from evop.pipeline.results import RESULT_FILE, build_result
+    from evop.records import write_json_atomic
+
+    run = RunStore(cfg)
+    result = run.get_json(RESULT)
+    if result is None and cfg.search.method != "evop":
+        from evop.method.outcome import Outcome
+        from evop.pipeline.results import build_outcome_result
+
+        saved = run.get_json(BASELINE_OUTCOME)
+        if saved is None:
+            raise RuntimeError(f"the {cfg.search.method} search at {run.url()} is not finished")
+        dense = cached_scorer(run).dense()
+        result = build_outcome_result(cfg, Outcome.from_json(saved), dense, run.get_json(SAMPLE)["summary"])
+        result["checkpoints"] = run.url()
+        run.put_json(RESULT, result)
+    if result is None:
+        state = run.checkpoints.latest()
+        if state is None or not state.done:
+            raise RuntimeError(f"the search at {run.url()} is not finished")
+        dense = cached_scorer(run).dense()
+        seeding = run.get_json(INITIAL_PATTERNS) or {"patterns": [], "evaluations": 0, "seconds": 0.0}
+        wall = sum(h["seconds"] for h in state.history) + seeding["seconds"]
+        result = build_result(cfg, state, dense, run.get_json(SAMPLE)["summary"], wall)
+        result["evaluations"] += seeding["evaluations"]
+        result["initial_patterns"] = seeding["patterns"]
+        result["checkpoints"] = run.url()
+        run.put_json(RESULT, result)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RESULT_FILE, result)
+    save_blocks(_require_tensor(run, BLOCKS), out / "calibration.safetensors")
+    return result

@@ -1,0 +1,84 @@
+"""TODO docstring (from evop.baselines)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from evop.baselines.evopress import default_evopress_generations, evopress
+from evop.baselines.greedy import sleb
+from evop.baselines.heuristics import ppl_oneshot, shortgpt
+from evop.baselines.sampling import exhaustive, random_search
+from evop.config import SearchConfig
+from evop.method.epps import run_epps
+from evop.method.outcome import Outcome
+from evop.method.scoring import FitnessFn
+
+if TYPE_CHECKING:
+    pass
+
+
+METHODS = ("evop", "sleb", "shortgpt", "ppl-oneshot", "evopress", "random", "exhaustive")
+
+
+"""Every search method ``search.method`` accepts."""
+
+
+def default_budget(settings: SearchConfig) -> int:
+    """Evaluations of ``random`` when no budget is set: the most the GA may spend."""
+    return settings.population * (settings.generations + 1)
+
+
+def run_method(
+    settings: SearchConfig,
+    num_layers: int,
+    k: int,
+    fitness: FitnessFn,
+    cheap_fitness: FitnessFn | None = None,
+    influence: Callable[[], Sequence[float]] | None = None,
+    budget: int | None = None,
+) -> Outcome:
+    """Run ``settings.method`` with the settings of the ``search`` config section.
+
+    Args:
+        settings: The search section (method, seed, protected layers, GA and baseline settings).
+        fitness: Full-budget fitness.
+        cheap_fitness: Reduced-budget fitness for ``evopress`` (``fitness`` when None).
+        influence: Computes the Block Influence of every layer, for ``shortgpt``.
+        budget: Evaluations of ``random`` (default ``settings.budget``, else :func:`default_budget`).
+    """
+    method = settings.method
+    protected = settings.protected_layers
+    if method == "evop":
+        return run_epps(fitness, num_layers, k, settings, influence=influence)
+    if method == "sleb":
+        return sleb(fitness, num_layers, k, protected)
+    if method == "ppl-oneshot":
+        return ppl_oneshot(fitness, num_layers, k, protected)
+    if method == "shortgpt":
+        if influence is None:
+            raise ValueError("shortgpt needs the model's Block Influence (influence=...)")
+        start = time.perf_counter()
+        scores = influence()
+        return shortgpt(scores, fitness, num_layers, k, protected, time.perf_counter() - start)
+    if method == "random":
+        budget = budget or settings.budget or default_budget(settings)
+        return random_search(fitness, num_layers, k, budget, protected, settings.seed)
+    if method == "exhaustive":
+        return exhaustive(fitness, num_layers, k, protected, settings.exhaustive_limit)
+    if method == "evopress":
+        generations = settings.evopress_generations or default_evopress_generations(num_layers, k)
+        return evopress(
+            fitness,
+            cheap_fitness or fitness,
+            num_layers,
+            k,
+            generations,
+            settings.evopress_offspring,
+            settings.evopress_survivors,
+            protected,
+            settings.max_swaps,
+            settings.seed,
+        )
+    raise ValueError(f"unknown search method {method!r}; choose one of {', '.join(METHODS)}")
