@@ -42,7 +42,7 @@ demo: assets
 	$(BIN)/evop run --config $(DEMO_CONFIG) output_dir=$(DEMO_OUT)
 
 lint: install
-	$(BIN)/ruff check evop tests
+	$(BIN)/ruff check evop tests flows tasks benchmarks
 
 clean:
 	rm -rf runs .pytest_cache

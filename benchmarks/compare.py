@@ -1,6 +1,6 @@
 """EvoP against the baseline search methods, side by side: markdown table plus JSON.
 
-The same measurement as ``evop compare`` (see :mod:`evop.compare`), as a script::
+The same measurement as ``evop compare`` (see :mod:`evop.eval.compare`), as a script::
 
     python benchmarks/compare.py --config configs/compare-demo.yaml            # the README table
     python benchmarks/compare.py --config my-gpu.yaml --sparsities 0.25 --optimum-k 0 \\

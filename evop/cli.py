@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from evop.config import ConfigError, EvoPConfig, load_config
+from evop.errors import EvoPError
 from evop.records import format_number
 
 log = logging.getLogger("evop")
@@ -114,14 +115,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load_cfg(args)
-    # Prefect without a server starts a temporary local one; it must not phone home, and a busy
-    # 2-core machine needs longer than the default to start it.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from flows.evop_pipeline import evop_pipeline
+    from evop.pipeline.launcher import run_flow
+    from evop.pipeline.preflight import check_run
 
-    summary = evop_pipeline(config=cfg)
+    cfg = _load_cfg(args)
+    check_run(cfg)  # bad input fails here, in seconds, before Prefect starts
+    summary = run_flow(cfg)
     result, ppl = summary["result"], summary["perplexity"]
     rows = [
         ("model", result["base_model"]),
@@ -194,14 +193,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from evop.config import build_config
+    from evop.errors import BadInputError
     from evop.method.patterns import Pattern
     from evop.models.loading import load_model
     from evop.models.pruning import save_pruned
+    from evop.records import read_json
 
     result_path = Path(args.result)
     if not result_path.is_file():
         raise ConfigError(f"result file not found: {result_path} (run `evop search` first)")
-    result = json.loads(result_path.read_text())
+    result = read_json(result_path, "result file")
+    if not isinstance(result, dict):
+        raise BadInputError(f"result file {result_path}: expected a JSON object, got {type(result).__name__}")
+    missing = [key for key in ("config", "num_layers", "removed_layers") if key not in result]
+    if missing:
+        raise BadInputError(
+            f"result file {result_path} lacks {', '.join(repr(k) for k in missing)} "
+            "(not a result.json written by `evop search`)"
+        )
     cfg = build_config(result["config"], args.overrides)
     pattern = Pattern.of(result["num_layers"], result["removed_layers"])
     out = Path(args.out) if args.out else result_path.parent / "pruned-model"
@@ -212,7 +221,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         pattern,
         out,
         base_model=cfg.model.name_or_path,
-        extra={"fitness_metric": result["fitness_metric"], "fitness": result["fitness"]},
+        extra={"fitness_metric": result.get("fitness_metric"), "fitness": result.get("fitness")},
     )
     _table(
         "evop prune",
@@ -272,7 +281,7 @@ def _ppl_table(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Inference speed of a pruned model against its dense base (see :mod:`evop.speed`)."""
+    """Inference speed of a pruned model against its dense base (see :mod:`evop.eval.speed`)."""
     from evop.config import ModelConfig
     from evop.eval.speed import add_checkpoint_sizes, compare_speed, format_speed_table
     from evop.models.loading import load_model
@@ -307,11 +316,13 @@ def _ints(text: str) -> list[int]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Search methods side by side (see :mod:`evop.compare`): markdown table plus JSON."""
+    """Search methods side by side (see :mod:`evop.eval.compare`): markdown table plus JSON."""
     from evop.eval.compare import Comparison
     from evop.eval.compare_spec import TABLE_FILE, CompareSpec
+    from evop.pipeline.preflight import check_search
 
     cfg = _load_cfg(args)
+    check_search(cfg)
     spec = CompareSpec(
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         sparsities=_floats(args.sparsities),
@@ -330,6 +341,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand parser that takes its options and its positionals (the ``key=value``
+    overrides) in any order: ``evop search a=1 --quiet b=2`` (plain argparse consumes a ``*``
+    positional once, so ``b=2`` after an option would be an unrecognized argument)."""
+
+    _intermixed = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if self._intermixed:  # the two passes of parse_known_intermixed_args
+            return super().parse_known_args(args, namespace)
+        self._intermixed = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evop",
@@ -338,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
     p = sub.add_parser("assets", help="prepare the offline demo model, embedder and text")
     p.add_argument("names", nargs="*", help="assets to prepare (default: smollm2 minilm wikipedia news)")
@@ -414,20 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _setup_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from evop.assets.references import AssetError
-    from evop.method.calibration import CalibrationDataError
-    from evop.models.layers import UnsupportedModelError
-    from evop.models.loading import ModelLoadError
-    from evop.storage.checkpoints import StorageError
-
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"evop: invalid configuration:\n{err}", file=sys.stderr)
-    except (AssetError, CalibrationDataError, ModelLoadError, UnsupportedModelError, StorageError) as err:
-        print(f"evop: {err}", file=sys.stderr)
-    except ValueError as err:
-        print(f"evop: {err}", file=sys.stderr)
+        sep = "\n" if "\n" in str(err) else " "  # one line per problem; one problem: one line
+        print(f"evop: invalid configuration:{sep}{err}", file=sys.stderr)
+    except EvoPError as err:
+        # The same verdict the task retry policy reads (evop.errors): say what to do about it.
+        hint = "" if err.permanent else " (a transient failure: running the same command again resumes)"
+        print(f"evop: {err}{hint}", file=sys.stderr)
     return 2
 
 

@@ -70,7 +70,7 @@ class CalibrationConfig(_Section):
         description="Sentence-transformers model id or path, 'evop-assets:minilm', or 'model' "
         "(mean-pooled hidden states of the model being pruned).",
     )
-    n_clusters: int = Field(8, ge=1, description="k-means clusters (capped by the pool size).")
+    n_clusters: int = Field(8, ge=1, description="k-means clusters (at most pool_size).")
     per_cluster: Literal["proportional", "equal"] = Field(
         "proportional", description="How many samples each cluster gets."
     )
@@ -83,6 +83,8 @@ class CalibrationConfig(_Section):
     def _enough_pool(self) -> "CalibrationConfig":
         if self.n_samples > self.pool_size:
             raise ValueError(f"n_samples ({self.n_samples}) exceeds pool_size ({self.pool_size})")
+        if self.method == "ccds" and self.n_clusters > self.pool_size:
+            raise ValueError(f"n_clusters ({self.n_clusters}) exceeds pool_size ({self.pool_size})")
         return self
 
 
@@ -226,7 +228,9 @@ class EvaluationConfig(_Section):
         default_factory=lambda: ["evop-assets:news"],
         description="Held-out text sources (other domains than the calibration text) for perplexity.",
     )
-    block_len: int = Field(256, ge=8, description="Tokens per held-out window (non-overlapping).")
+    block_len: int = Field(
+        256, ge=8, description="Tokens per held-out window (windows overlap when stride < block_len)."
+    )
     max_blocks: int | None = Field(16, ge=1, description="Held-out windows per source (None: all).")
     stride: int | None = Field(
         None,
@@ -370,3 +374,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded or {}
     return build_config(data, overrides)
+
+
+def check_output_dir(cfg: EvoPConfig) -> Path:
+    """Make sure ``cfg.output_dir`` can be written: create it (and its parents) and a probe file
+    in it, which is removed again. For the checks before any heavy work.
+
+    Returns:
+        The output directory.
+
+    Raises:
+        ConfigError: ``output_dir: cannot write to <dir>: <reason>``.
+    """
+    import tempfile
+
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".evop-probe-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        if err.filename and str(err.filename) != str(out):
+            reason = f"{reason} ({err.filename})"
+        raise ConfigError(f"output_dir: cannot write to {out}: {reason}") from None
+    return out

@@ -1,10 +1,34 @@
-"""TODO docstring (from evop.baselines)."""
+"""Every search method by name: EvoP's GA and the pattern searches it is compared with.
+
+:func:`run_method` runs the method that ``search.method`` names, with the settings of the
+``search`` config section, and returns its :class:`~evop.method.outcome.Outcome`. All methods score
+patterns through the same fitness callable (lower is better), so a comparison differs only in
+*how* the patterns are chosen.
+
+===============  ============================================================  ====================
+method           how it chooses                                                fitness evaluations
+===============  ============================================================  ====================
+``evop``         seeded genetic algorithm + polish (:mod:`evop.method.epps`)   population x gens
+                                                                               (+ polish rounds)
+``sleb``         greedy: each round removes the layer whose removal (on top    ~ k x L
+                 of those already removed) gives the lowest fitness
+``shortgpt``     one shot: the k layers of lowest Block Influence              1 forward (+1 score)
+                 (1 - cos(input, output) of the layer on the calibration set)
+``ppl-oneshot``  one shot: score each single-layer removal, remove the k       L (+1 score)
+                 least harmful (Shortened LLaMA's PPL criterion)
+``evopress``     (1 + lambda) evolution, mutation only, staged token budgets:  offspring x gens
+                 all offspring on few tokens, the best few on all tokens       (most of them cheap)
+``random``       best of exactly ``budget`` distinct random patterns           budget
+``exhaustive``   every k-subset; refused above ``limit`` candidates            C(L', k)
+===============  ============================================================  ====================
+
+The baselines live in :mod:`evop.baselines` (their papers are cited there).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from evop.baselines.evopress import default_evopress_generations, evopress
 from evop.baselines.greedy import sleb
@@ -15,13 +39,7 @@ from evop.method.epps import run_epps
 from evop.method.outcome import Outcome
 from evop.method.scoring import FitnessFn
 
-if TYPE_CHECKING:
-    pass
-
-
 METHODS = ("evop", "sleb", "shortgpt", "ppl-oneshot", "evopress", "random", "exhaustive")
-
-
 """Every search method ``search.method`` accepts."""
 
 

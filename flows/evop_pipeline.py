@@ -1,6 +1,6 @@
 """The EvoP pipeline as a resumable Prefect flow.
 
-    segment-dataset -> embed-pool -> sample-calibration-set
+    check-config -> segment-dataset -> embed-pool -> sample-calibration-set
       -> run-generation x G (each checkpointed to the store)   [or run-baseline: sleb, shortgpt, ...]
       -> finalize-search -> prune-model -> evaluate-perplexity -> score-downstream (lm-eval)
       -> measure-speed -> write-report (result.json + plots) -> register-model (MLflow)
@@ -28,10 +28,11 @@ from prefect.artifacts import (
 from prefect.context import get_run_context
 
 from evop.config import EvoPConfig
+from evop.errors import BadInputError
 from evop.pipeline.evaluation import final_metrics
 from evop.pipeline.store import RunStore
 from evop.records import format_number
-from tasks.calibration import embed_pool, sample_calibration_set, segment_dataset
+from tasks.calibration import check_config, embed_pool, sample_calibration_set, segment_dataset
 from tasks.evaluation import evaluate_perplexity, measure_speed, score_downstream, write_report
 from tasks.pruning import prune_model
 from tasks.registry import register_model
@@ -63,14 +64,34 @@ def library_logs_in_run() -> Iterator[None]:
         lib.setLevel(previous)
 
 
+class GpuConcurrencyLimitMissing(BadInputError):
+    """``EVOP_GPU_CONCURRENCY`` names a global concurrency limit the Prefect server does not have."""
+
+
 def gpu_slot():
     """Hold the global concurrency limit named by ``EVOP_GPU_CONCURRENCY`` (if set), so two runs
-    never share one GPU; ``prefect gcl create gpu --limit 1`` creates it."""
+    never share one GPU; ``prefect gcl create gpu --limit 1`` creates it.
+
+    Raises:
+        GpuConcurrencyLimitMissing: the server has no limit of that name. Prefect's own
+            ``concurrency()`` would only warn and run without the lock.
+    """
     name = os.environ.get("EVOP_GPU_CONCURRENCY")
     if not name:
         return nullcontext()
+    from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectNotFound
 
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            raise GpuConcurrencyLimitMissing(
+                f"EVOP_GPU_CONCURRENCY={name}: the Prefect server has no global concurrency limit "
+                f"named {name!r}; create it with `prefect gcl create {name} --limit 1` "
+                "(or unset EVOP_GPU_CONCURRENCY to run without GPU locking)"
+            ) from None
     return concurrency(name, occupy=1)
 
 
@@ -92,9 +113,11 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
         A summary: result, pruned model path, perplexities and the checkpoint location.
     """
     log = get_run_logger()
+    gpu = gpu_slot()  # a missing limit fails the run here, before any work
     run = RunStore(config)
     log.info("checkpoints of this search: %s", run.url())
-    with library_logs_in_run(), gpu_slot():
+    with library_logs_in_run(), gpu:
+        check_config(config)  # bad input fails here, in seconds, before any heavy work
         pool_url = segment_dataset(config)
         embeddings_url = embed_pool(config, pool_url)
         calibration = sample_calibration_set(config, embeddings_url)
@@ -155,7 +178,10 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
 
     metrics = final_metrics(perplexity, downstream, speed)
     flow_run = get_run_context().flow_run
-    registered = register_model(config, report, pruned_dir, metrics, str(flow_run.id) if flow_run else None)
+    with library_logs_in_run():  # the registry's log lines too, without holding the GPU
+        registered = register_model(
+            config, report, pruned_dir, metrics, str(flow_run.id) if flow_run else None
+        )
     summary = {
         "result": result,
         "pruned_model": pruned_dir,

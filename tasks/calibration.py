@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect import task
+
 from evop import pipeline
 from evop.config import EvoPConfig
-from tasks.policy import io_task
+from evop.pipeline import preflight
+from tasks.policy import STORE_IS_THE_CACHE, io_task
+
+
+@task(name="check-config", cache_policy=STORE_IS_THE_CACHE)
+def check_config(config: EvoPConfig) -> int:
+    """Check the config against the world before any heavy work (model layers against k and the
+    protected layers, text sources, lm-eval task names, output directory, store); returns the
+    model's layer count. Bad input fails here, and is never retried."""
+    return preflight.check_run(config)
 
 
 @io_task("segment-dataset")

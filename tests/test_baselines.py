@@ -17,7 +17,7 @@ from evop.baselines.heuristics import ppl_oneshot, shortgpt
 from evop.baselines.sampling import SearchTooLargeError, exhaustive, random_search
 from evop.config import ConfigError, SearchConfig, build_config
 from evop.method.epps import run_epps
-from evop.method.influence import block_influence
+from evop.method.influence import layer_influence
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern
 from evop.method.scoring import CountingFitness, ScoreMemo
@@ -275,7 +275,7 @@ def test_block_influence_finds_layers_made_identity(model_type):
     else:
         for j in (2, 4):
             make_identity(layers[j])
-    influence = block_influence(model, random_blocks(4, 16), batch_size=2)
+    influence = layer_influence(model, random_blocks(4, 16), batch_size=2)
     assert len(influence) == 6
     assert influence[2] == pytest.approx(0, abs=1e-5) and influence[4] == pytest.approx(0, abs=1e-5)
     assert min(influence[j] for j in (1, 3, 5)) > 1e-3
@@ -332,9 +332,8 @@ def test_pipeline_seeds_the_ga_with_the_shortgpt_pattern_once(tiny_dir, text_fil
     seeds = RunStore(cfg).get_json(INITIAL_PATTERNS)
     assert seeds["evaluations"] == 0 and len(seeds["patterns"]) == 1
     assert result["initial_patterns"] == seeds["patterns"]
-    assert (
-        result["fitness"] <= json.loads(RunStore(cfg).checkpoints.latest().to_json())["memo"][seeds["patterns"][0]]
-    )
+    memo = json.loads(RunStore(cfg).checkpoints.latest().to_json())["memo"]
+    assert result["fitness"] <= memo[seeds["patterns"][0]]
     unseeded = run_search(_cfg(tiny_dir, text_file, tmp_path / "plain", population=6, generations=2,
                                initial_patterns=[]))  # fmt: skip
     assert unseeded["initial_patterns"] == []

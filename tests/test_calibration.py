@@ -98,6 +98,13 @@ def test_load_texts_errors(tmp_path):
         load_texts(str(tmp_path / "bad.jsonl"))
 
 
+def test_binary_text_file_is_named_not_a_decode_error(tmp_path):
+    for name in ("data.txt", "data.jsonl"):
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 4)
+        with pytest.raises(CalibrationDataError, match=rf"{name} is not UTF-8 text"):
+            load_texts(str(tmp_path / name))
+
+
 def test_block_pool_sizes_and_too_small_text():
     tok = CharTokenizer()
     texts = ["abcdefghij" * 20, "klmnopqrst" * 20]
@@ -106,8 +113,33 @@ def test_block_pool_sizes_and_too_small_text():
     pool = block_pool(texts, tok, 16, pool_size=10, seed=0)
     assert pool.shape == (10, 16)
     assert pool.tolist() == block_pool(texts, tok, 16, pool_size=10, seed=0).tolist()
-    with pytest.raises(CalibrationDataError, match="too small"):
+    with pytest.raises(CalibrationDataError, match="too short: it has 6 tokens, and one block needs 16"):
         block_pool(["short"], tok, 16, pool_size=10, seed=0, min_blocks=1)
+
+
+def test_block_pool_refuses_a_smaller_pool_than_asked():
+    # 402 tokens give 25 blocks of 16: a pool of 64 cannot be cut, and must not shrink silently
+    # (it would also cap the clusters below calibration.n_clusters).
+    tok = CharTokenizer()
+    texts = ["abcdefghij" * 20, "klmnopqrst" * 20]
+    with pytest.raises(
+        CalibrationDataError,
+        match=r"'data\.txt'.* 402 tokens give 25 blocks of 16 tokens.*pool_size asks for 64.*at most 25",
+    ):
+        block_pool(texts, tok, 16, pool_size=64, seed=0, source="data.txt")
+    assert block_pool(texts, tok, 16, pool_size=25, seed=0).shape == (25, 16)  # exactly enough
+    with pytest.raises(CalibrationDataError, match="'short.txt' is too short: it has 6 tokens"):
+        build_calibration_set(
+            CalibrationConfig(dataset="short.txt", pool_size=4, block_len=16, n_samples=2, n_clusters=2),
+            tok,
+            texts=["short"],
+        )
+
+
+def test_more_clusters_than_the_pool_is_an_error(blobs):
+    x, _ = blobs
+    with pytest.raises(CalibrationDataError, match="cannot make 5 clusters .* pool of 4 blocks"):
+        kmeans_sample(x[:4], n_samples=2, n_clusters=5)
 
 
 def test_build_calibration_set_with_model_embeddings():

@@ -152,9 +152,86 @@ def test_cli_reports_bad_config_and_unknown_model(tmp_path, capsys):
     assert "cannot load model" in capsys.readouterr().err
 
 
+def test_prune_names_a_corrupt_or_incomplete_result_file(tmp_path, capsys):
+    result = tmp_path / "result.json"
+    result.write_text('{"config": {} "num_layers": 8}')
+    assert main(["prune", "--result", str(result)]) == 2
+    err = capsys.readouterr().err
+    assert f"result file {result} is not valid JSON" in err and "Traceback" not in err
+    result.write_text(json.dumps({"config": {}, "num_layers": 8}))
+    assert main(["prune", "--result", str(result)]) == 2
+    assert f"result file {result} lacks 'removed_layers'" in capsys.readouterr().err
+    result.write_text("[1, 2]")
+    assert main(["prune", "--result", str(result)]) == 2
+    assert f"result file {result}: expected a JSON object" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        ("search", ["--quiet"]),
+        ("run", ["--config", "c.yaml"]),
+        ("compare", ["--lm-eval"]),
+        ("compare", ["--methods", "evop,sleb"]),
+        ("prune", ["--out", "o"]),
+    ],
+)
+def test_options_and_overrides_in_any_order(command, option):
+    from evop.cli import build_parser
+
+    overrides = ["search.sparsity=0.3", "output_dir=x"]
+    orders = [
+        [*option, *overrides],
+        [*overrides, *option],
+        [overrides[0], *option, overrides[1]],  # plain argparse: "unrecognized arguments"
+    ]
+    if command == "prune":
+        orders = [["--result", "r.json", *order] for order in orders]
+    parsed = [vars(build_parser().parse_args([command, *order])) for order in orders]
+    assert parsed[0]["overrides"] == overrides
+    assert parsed[0] == parsed[1] == parsed[2]
+
+
 @pytest.mark.parametrize("command", [[], ["search"], ["prune"], ["ppl"], ["assets"]])
 def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
     assert exit_.value.code == 0
     assert "usage: evop" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("search.num_remove=8", "removing 8 of 8 layers"),
+        ("search.num_remove=7", "cannot remove k=7 layers: 6 of 8 layers are removable"),
+        ("search.protected_layers=[0,12]", "protected layer 12 is out of range for 8 layers"),
+        ("output_dir=/proc/evop-no-such-dir", "output_dir: cannot write to /proc/evop-no-such-dir"),
+    ],
+)
+def test_bad_input_is_found_before_any_work_in_one_line(
+    tiny_dir, text_file, tmp_path, capsys, override, message
+):
+    """k against the model's layers, protected layers and the output directory are checked before
+    calibration: one line naming the problem, exit 2, and nothing written to the store."""
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_dir, text_file, out)
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg.model_dump(mode="json")))
+    assert main(["search", "--config", str(tmp_path / "c.yaml"), "--quiet", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (out / "checkpoints").exists()
+
+
+def test_an_unexpected_error_is_not_dressed_as_bad_input(monkeypatch, tiny_dir, text_file, tmp_path):
+    """Only EvoPErrors are reported as one line: anything else is a bug and keeps its traceback."""
+    from evop.pipeline import local
+
+    def broken(cfg):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(local, "check_search", broken)
+    cfg = _cfg(tiny_dir, text_file, tmp_path / "run")
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg.model_dump(mode="json")))
+    with pytest.raises(ValueError, match="a bug"):
+        main(["search", "--config", str(tmp_path / "c.yaml"), "--quiet"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -87,3 +88,20 @@ def test_pattern_for_wrong_model_is_refused():
     with pytest.raises(ValueError, match="30 layers"):
         with layers_skipped(model, Pattern.of(30, [1])):
             pass
+
+
+def test_a_directory_without_config_json_is_not_a_model(tmp_path):
+    from evop.config import ModelConfig
+    from evop.models.loading import ModelLoadError, load_model, load_tokenizer
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    readme = tmp_path / "readme-only"
+    readme.mkdir()
+    (readme / "README.md").write_text("# not a model\n")
+    for path in (empty, readme):
+        cfg = ModelConfig(name_or_path=str(path), device="cpu")
+        expected = rf"is not a model directory: no config\.json in {re.escape(str(path))}$"
+        for load in (load_tokenizer, load_model):
+            with pytest.raises(ModelLoadError, match=expected):
+                load(cfg)

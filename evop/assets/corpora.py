@@ -1,4 +1,12 @@
-"""TODO docstring (from evop.assets)."""
+"""Plain prose from the raw text packages: Wikipedia articles and Jane Austen's novels.
+
+:func:`wikipedia_articles` reads a MediaWiki XML dump and strips the markup down to prose
+(templates, references, tables, files and categories go; stubs with less than
+:data:`MIN_ARTICLE_CHARS` characters of prose are dropped). :func:`austen_novels` reads
+``janeaustenr``'s R lazy-load database without R and joins the lines of each novel into
+paragraphs. Both return ``{"title": ..., "text": ...}`` records, one per document, which
+:mod:`evop.assets.build` writes as JSON lines.
+"""
 
 from __future__ import annotations
 

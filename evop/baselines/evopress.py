@@ -1,4 +1,10 @@
-"""TODO docstring (from evop.baselines)."""
+"""The EvoPress baseline (arXiv 2410.14649): (1 + lambda) evolution with staged token budgets.
+
+:func:`evopress` mutates a single parent (swap mutation only, no crossover), scores all offspring
+on few calibration tokens and only the best few on all of them, so most of its evaluations are
+cheap. :func:`default_evopress_generations` is EvoPress's rule of thumb for depth pruning: about
+k(L-k)/1.5 generations.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,11 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from evop.method.operators import random_pattern, swap_mutation
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
 from evop.method.scoring import CountingFitness, FitnessFn
-
-if TYPE_CHECKING:
-    pass
 
 
 def evopress(

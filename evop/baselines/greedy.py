@@ -1,4 +1,9 @@
-"""TODO docstring (from evop.baselines)."""
+"""The greedy baseline: SLEB (arXiv 2402.09025), one decoder layer removed per round.
+
+:func:`sleb` removes, each round, the layer whose removal (on top of those already removed) gives
+the lowest fitness, re-scoring every remaining layer each round: k rounds, about k x L fitness
+evaluations. Ties go to the lower index, so the result is deterministic.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,13 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
 from evop.method.scoring import CountingFitness, FitnessFn
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger(__name__)
+
 
 def _best(scores: dict[int, float]) -> int:
     """The layer of lowest score; ties go to the lower index, so results are deterministic."""

@@ -1,18 +1,23 @@
-"""TODO docstring (from evop.baselines)."""
+"""The one-shot baselines: a pattern from per-layer importance, without a search.
+
+- :func:`shortgpt`: ShortGPT (arXiv 2403.03853) removes the k layers of lowest Block Influence
+  (:mod:`evop.method.influence`: ``1 - cos(input, output)`` of each layer on the calibration set,
+  from one dense forward).
+- :func:`ppl_oneshot`: Shortened LLaMA's PPL criterion (arXiv 2402.02834) scores every single-layer
+  removal once and removes the k least harmful together (about L evaluations).
+
+Both score their final pattern once more, under the same fitness as every other method.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from evop.method.influence import lowest_influence
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
 from evop.method.scoring import CountingFitness, FitnessFn
-
-if TYPE_CHECKING:
-    pass
 
 
 def ppl_oneshot(fitness: FitnessFn, num_layers: int, k: int, protected: Sequence[int] = ()) -> Outcome:
@@ -45,7 +50,8 @@ def shortgpt(
     protected: Sequence[int] = (),
     influence_seconds: float = 0.0,
 ) -> Outcome:
-    """ShortGPT: remove the k layers of lowest Block Influence (see :func:`block_influence`).
+    """ShortGPT: remove the k layers of lowest Block Influence (see
+    :func:`~evop.method.influence.layer_influence`).
 
     Args:
         influence: Block Influence of every layer (``num_layers`` values).

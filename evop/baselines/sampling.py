@@ -1,4 +1,10 @@
-"""TODO docstring (from evop.baselines)."""
+"""The sampling baselines: random search (the floor) and exhaustive search (the true optimum).
+
+- :func:`random_search`: the best of exactly ``budget`` distinct random patterns; a comparison
+  gives it as many evaluations as EvoP used.
+- :func:`exhaustive`: every k-subset of the removable layers, C(L', k) evaluations; refused with
+  :class:`SearchTooLargeError` above ``search.exhaustive_limit`` candidates.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,12 @@ import random
 import time
 from collections.abc import Sequence
 from itertools import combinations
-from typing import TYPE_CHECKING
 
 from evop.errors import BadInputError
 from evop.method.operators import sample_patterns
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
 from evop.method.scoring import CountingFitness, FitnessFn
-
-if TYPE_CHECKING:
-    pass
 
 
 class SearchTooLargeError(BadInputError):

@@ -1,4 +1,25 @@
-"""TODO docstring (from evop.compare)."""
+"""Side-by-side comparison of pattern search methods: same model, calibration set and fitness.
+
+``evop compare`` (and ``benchmarks/compare.py``) runs a :class:`Comparison`, for one model:
+
+1. **methods x sparsities**: every method of ``spec.methods`` (see :mod:`evop.searches`) at every
+   sparsity, on the calibration set of the config; ``random`` gets exactly as many evaluations as
+   EvoP used at that sparsity. Each chosen pattern is scored on held-out text of other domains.
+2. **CCDS vs random sampling**: EvoP on calibration sets drawn both ways, for several seeds;
+   held-out perplexity of the patterns found (mean and spread).
+3. **GA vs greedy**: EvoP (GA + polish), its GA alone and the GA at SLEB's budget next to SLEB's
+   greedy search under the same fitness and calibration set (read from part 1).
+4. **search quality against the optimum**: exhaustive search at a small k gives the true
+   optimum; how often EvoP (several seeds), random search with the same budget and the
+   heuristics find it, and with what share of the evaluations.
+
+Work is shared and resumable: every pattern score goes into a memo per calibration set (saved in
+``out_dir``), so methods never score a pattern twice and a re-run after a crash continues where
+it stopped. Reported search times are what each method would have spent *alone*: the first
+measured cost of every pattern it asked for, shared scores included. Chosen patterns are scored
+on held-out text with their layers skipped in place (the same perplexity as the saved pruned
+checkpoint, ``tests/test_models.py``), so no checkpoint is written per row.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +42,7 @@ from evop.eval.compare_spec import (
     CompareSpec,
     domain_name,
 )
-from evop.method.influence import block_influence
+from evop.method.influence import layer_influence
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, layers_to_remove
 from evop.method.scoring import CountingFitness, ScoreMemo
@@ -34,6 +55,7 @@ if TYPE_CHECKING:
     from evop.method.fitness import PatternScorer
 
 log = logging.getLogger(__name__)
+
 
 class Comparison:
     """One comparison run: the model loaded once, calibration and held-out sets, memos, results.
@@ -241,7 +263,7 @@ class Comparison:
 
         def influence() -> list[float]:
             start = time.perf_counter()
-            scores = block_influence(self.model, blocks, self.cfg.fitness.batch_size)
+            scores = layer_influence(self.model, blocks, self.cfg.fitness.batch_size)
             influence_seconds[0] = time.perf_counter() - start
             return scores
 

@@ -1,16 +1,18 @@
-"""TODO docstring (from evop.compare)."""
+"""The comparison's tables as markdown: what ``compare.md`` holds and ``evop compare`` prints.
+
+:func:`render_markdown` reads the report of :meth:`evop.eval.compare.Comparison.report` (the shape
+of ``compare.json``): methods x sparsities with calibration fitness and held-out perplexity, then,
+where they were run, the ablations (CCDS vs random sampling, EvoP's GA vs SLEB's greedy search)
+and the search quality against the exhaustive optimum. A diverged value reads "diverged".
+"""
 
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evop.eval.compare_spec import AT_SLEB_BUDGET, UNPOLISHED, UNSEEDED, domain_name
 from evop.records import format_number
-
-if TYPE_CHECKING:
-
-    pass
 
 
 def _f(x: float | None, digits: int = 4) -> str:

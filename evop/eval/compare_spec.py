@@ -19,14 +19,10 @@ MAIN_METHODS = (
 
 
 UNSEEDED = "evop-random-init"
-
-
 """EvoP's GA without heuristic seeds (``search.initial_patterns: []``): what seeding buys."""
 
 
 UNPOLISHED = "evop-no-polish"
-
-
 """EvoP without the polish rounds (``search.polish_rounds: 0``): what the local search buys."""
 
 
@@ -34,14 +30,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     UNSEEDED: {"method": "evop", "initial_patterns": []},
     UNPOLISHED: {"method": "evop", "polish_rounds": 0},
 }
-
-
 """EvoP ablations usable as ``spec.methods``: the search settings each one overrides."""
 
 
 AT_SLEB_BUDGET = "evop-sleb-budget"
-
-
 """EvoP's GA alone (no polish) run for as many evaluations as SLEB used (at most): the two
 searches at equal cost."""
 

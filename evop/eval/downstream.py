@@ -1,4 +1,11 @@
-"""TODO docstring (from evop.downstream, evop.pipeline)."""
+"""Downstream accuracy with lm-evaluation-harness, offline: tasks built from held-out text.
+
+The standard benchmarks need the Hugging Face Hub for their data, so :func:`build_offline_tasks`
+writes two zero-shot 4-way multiple-choice tasks from local text (chance 0.25): ``evop_lastword``
+(a passage's last word, LAMBADA-style) and ``evop_continuation`` (its next sentence).
+:func:`evaluate_tasks` scores a model in memory on them or on any lm-eval task whose data is
+reachable; :func:`task_directory` gathers the task YAMLs one run needs.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +21,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evop.config import EvoPConfig
 from evop.environment import temporary_env
 from evop.errors import BadInputError
 
 if TYPE_CHECKING:
     from torch import nn
-from evop.config import EvoPConfig
-
-if TYPE_CHECKING:
-
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +306,31 @@ def _task_manager(tasks: Sequence[str], include_path: str | os.PathLike[str] | N
     return manager
 
 
+def check_task_names(tasks: Sequence[str], include_path: str | os.PathLike[str] | None = None) -> None:
+    """Check that every task name is one of EvoP's offline tasks, in ``include_path`` or in lm-eval's
+    registry, before any model is loaded (indexing lm-eval's registry takes seconds, so it is
+    done only for names that are not offline tasks).
+
+    Raises:
+        UnknownTaskError: naming the unknown tasks and where they were looked for.
+    """
+    others = [t for t in tasks if t not in OFFLINE_TASKS]
+    if not others:
+        return
+    from lm_eval.tasks import TaskManager
+
+    include = str(include_path) if include_path is not None else None
+    known = TaskManager(include_path=include, include_defaults=True).all_tasks
+    unknown = [t for t in others if t not in known]
+    if unknown:
+        where = f"{include} and lm-eval's built-in tasks" if include else "lm-eval's built-in tasks"
+        raise UnknownTaskError(
+            f"evaluation.tasks: unknown lm-eval task(s) {', '.join(map(repr, unknown))}; looked in "
+            f"{where}. EvoP's offline tasks are {', '.join(OFFLINE_TASKS)}; for your own task YAMLs "
+            "set evaluation.include_path to their directory"
+        )
+
+
 def evaluate_tasks(
     model: "nn.Module",
     tokenizer: Any,
@@ -377,7 +405,6 @@ def task_directory(cfg: EvoPConfig, tokenizer: Any) -> Path | None:
     """A directory with every lm-eval task YAML the run needs: the offline tasks built from
     ``evaluation.task_source`` (when asked for) plus a link to ``evaluation.include_path``."""
     from evop.assets.references import resolve_reference
-    pass
 
     e = cfg.evaluation
     root = Path(cfg.output_dir) / "lm-eval-tasks"

@@ -1,4 +1,10 @@
-"""TODO docstring (from evop.evaluation)."""
+"""Perplexity of dense and pruned models on calibration blocks and held-out text.
+
+The protocol of the layer-pruning papers (WikiText-2 style): the held-out text is one token
+stream (documents joined by EOS) cut into fixed-length windows, non-overlapping by default; with
+a stride below the window length the windows overlap and each scores only its new tokens
+(:func:`heldout_set` builds either kind, :func:`perplexities` scores a model on them).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring (from evop.plots)."""
+"""Figures of a finished search: the fitness curve and how often each layer is removed.
+
+matplotlib is imported inside each function with the non-interactive Agg backend, so importing
+this module costs nothing and plotting works on machines without a display.
+"""
 
 from __future__ import annotations
 

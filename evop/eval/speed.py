@@ -1,4 +1,30 @@
-"""TODO docstring (from evop.speed)."""
+"""Inference speed of a dense and a pruned model: does removing layers make the model faster?
+
+What is measured, for one fixed batch of prompts (``input_ids`` of shape ``(B, T)``, identical for
+every model compared, no padding):
+
+* **prefill**: one forward pass over the whole prompt with ``use_cache=True`` (it builds the KV
+  cache) and, like ``generate``, logits only for the last position where the model supports
+  ``logits_to_keep``; reported as ``B * T / seconds``.
+* **decode**: ``new_tokens`` greedy steps with the KV cache in a plain loop (previous argmax and
+  ``past_key_values`` fed back), reported as ``B * new_tokens / seconds``. Unlike ``generate`` minus
+  a timed prefill, it times exactly the per-token decoder cost (no difference of two noisy timings,
+  no early stop on EOS, no logits processors) on the same code path for every family; real serving
+  adds ``generate``'s Python overhead, which pruning does not shrink, so end-to-end gains are lower.
+
+Each model gets ``warmup`` untimed runs, then ``runs`` timed runs; the median is reported (on CUDA
+bracketed by ``torch.cuda.synchronize``). :func:`compare_speed` alternates the two models run by
+run (ABBA order) so slow drift of the machine (thermals, other load) hits both alike.
+
+Memory: ``weights_bytes`` (parameters + buffers) is exact; ``peak_memory_bytes`` (CUDA) adds the
+peak of ``torch.cuda.max_memory_allocated`` above the allocation before the run (activations, KV
+cache, logits). On CPU only the growth of peak RSS is known (``peak_rss_delta_bytes``, 0 when an
+earlier allocation set the peak); no memory ratio is formed from it.
+
+The *ideal* speed-up of removing ``k`` of ``L`` decoder layers is ``L / (L - k)`` (embedding and LM
+head excluded); ``measured_vs_ideal`` is the measured decode speed-up over it. The parameter-based
+ideal, which differs for heterogeneous layers, is reported too.
+"""
 
 from __future__ import annotations
 

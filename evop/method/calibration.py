@@ -1,4 +1,14 @@
-"""TODO docstring (from evop.calibration)."""
+"""Calibration data: text -> pool of token blocks -> CCDS sample.
+
+CCDS (cluster-based calibration dataset sampling): embed every candidate block of the pool,
+cluster the embeddings with k-means, and draw the calibration set across the clusters so it
+covers the pool's variety instead of its first or most common texts. ``random`` sampling is kept
+as the ablation baseline.
+
+Each stage is its own function (:func:`load_texts`, :func:`block_pool`, :func:`embed_blocks`,
+:func:`sample_pool`), so the pipeline can store every intermediate result;
+:func:`build_calibration_set` runs them all in one go.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +30,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class CalibrationDataError(BadInputError):
     """The calibration text could not be read, or is too small for the requested sample."""
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CalibrationDataError(
+            f"{file} is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}); "
+            "calibration text must be a UTF-8 .txt or .jsonl file"
+        ) from None
+    except OSError as err:
+        raise CalibrationDataError(f"cannot read {file}: {err.strerror or err}") from None
 
 
 def _read_local(path: Path, text_field: str) -> list[str]:
@@ -31,7 +54,7 @@ def _read_local(path: Path, text_field: str) -> list[str]:
     texts: list[str] = []
     for file in files:
         if file.suffix == ".jsonl":
-            for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            for lineno, line in enumerate(_read_text(file).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -45,7 +68,7 @@ def _read_local(path: Path, text_field: str) -> list[str]:
                     )
                 texts.append(str(record[text_field]))
         elif file.suffix == ".txt":
-            texts.append(file.read_text(encoding="utf-8"))
+            texts.append(_read_text(file))
         else:
             raise CalibrationDataError(f"{file}: unsupported file type (use .txt or .jsonl)")
     return texts
@@ -113,36 +136,65 @@ def token_blocks(
     Returns:
         ``(num_blocks, block_len)`` token ids; the tail shorter than a block is dropped.
     """
-    import torch
+    limit = None if max_blocks is None else max_blocks * block_len
+    return _cut_blocks(_token_ids(texts, tokenizer, limit), block_len, max_blocks)
 
+
+def _token_ids(texts: list[str], tokenizer: Any, limit: int | None = None) -> list[int]:
+    """The documents' token ids, EOS between them; stops once ``limit`` ids are collected."""
     ids: list[int] = []
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    limit = None if max_blocks is None else max_blocks * block_len
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         ids.extend(sep)
         if limit is not None and len(ids) >= limit:
             break
-    n = len(ids) // block_len if limit is None else min(len(ids) // block_len, max_blocks)
+    return ids
+
+
+def _cut_blocks(ids: list[int], block_len: int, max_blocks: int | None = None) -> "torch.Tensor":
+    import torch
+
+    n = len(ids) // block_len if max_blocks is None else min(len(ids) // block_len, max_blocks)
     return torch.tensor(ids[: n * block_len], dtype=torch.long).view(n, block_len)
 
 
 def block_pool(
-    texts: list[str], tokenizer: Any, block_len: int, pool_size: int, seed: int, min_blocks: int = 1
+    texts: list[str],
+    tokenizer: Any,
+    block_len: int,
+    pool_size: int,
+    seed: int,
+    min_blocks: int = 1,
+    source: str | None = None,
 ) -> "torch.Tensor":
-    """The candidate pool: at most ``pool_size`` blocks drawn evenly at random from the text.
+    """The candidate pool: ``pool_size`` blocks drawn evenly at random from the text.
+
+    Args:
+        source: Where the text came from (``calibration.dataset``), named in errors.
 
     Raises:
-        CalibrationDataError: when the text yields fewer than ``min_blocks`` blocks.
+        CalibrationDataError: naming the source, when the text is shorter than one block, or
+            yields fewer than ``pool_size`` (or ``min_blocks``) blocks: a smaller pool than asked
+            would silently change the sampling (and cap the clusters), so it is refused.
     """
     import torch
 
-    blocks = token_blocks(texts, tokenizer, block_len)
-    if blocks.shape[0] < min_blocks:
+    what = f"calibration text {source!r}" if source else "calibration text"
+    ids = _token_ids(texts, tokenizer)
+    blocks = _cut_blocks(ids, block_len)
+    if blocks.shape[0] == 0:
         raise CalibrationDataError(
-            f"calibration text too small: {blocks.numel() + 0} tokens give {blocks.shape[0]} blocks of "
-            f"{block_len} tokens, {min_blocks} needed (use more text, or lower "
-            "calibration.block_len / calibration.n_samples)"
+            f"{what} is too short: it has {len(ids)} tokens, and one block needs {block_len} "
+            f"(calibration.block_len); use more text or a smaller calibration.block_len"
+        )
+    need = max(pool_size, min_blocks)
+    if blocks.shape[0] < need:
+        raise CalibrationDataError(
+            f"{what} is too short for the pool asked: its {len(ids)} tokens give "
+            f"{blocks.shape[0]} blocks of {block_len} tokens, but calibration.pool_size asks for "
+            f"{need}; set calibration.pool_size to at most {blocks.shape[0]} (with n_samples and "
+            "n_clusters no larger), use a smaller calibration.block_len, or use more text"
         )
     if blocks.shape[0] > pool_size:
         rng = np.random.default_rng(seed)
@@ -217,7 +269,7 @@ def kmeans_sample(
     Args:
         embeddings: ``(N, D)`` one row per pool block.
         n_samples: How many indices to draw (<= N).
-        n_clusters: k-means clusters (capped at N).
+        n_clusters: k-means clusters (at most N).
         per_cluster: ``"proportional"`` to cluster size, or ``"equal"``.
         within_cluster: ``"nearest"`` to the centroid first, or ``"random"``.
         seed: Seeds k-means and the within-cluster draw.
@@ -230,7 +282,12 @@ def kmeans_sample(
     n = embeddings.shape[0]
     if not 1 <= n_samples <= n:
         raise CalibrationDataError(f"cannot draw {n_samples} samples from a pool of {n}")
-    k = min(n_clusters, n)
+    if not 1 <= n_clusters <= n:
+        raise CalibrationDataError(
+            f"cannot make {n_clusters} clusters (calibration.n_clusters) from a pool of {n} blocks: "
+            "set calibration.n_clusters to at most calibration.pool_size"
+        )
+    k = n_clusters
     km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(embeddings)
     labels = km.labels_
     sizes = np.bincount(labels, minlength=k)
@@ -277,7 +334,7 @@ class CalibrationSet:
         }
 
 
-def embed_pool(
+def embed_blocks(
     pool: "torch.Tensor", cfg: "CalibrationConfig", tokenizer: Any, model: "nn.Module | None" = None
 ) -> np.ndarray:
     """Embeddings of the pool blocks with the configured embedder: ``(P, D)``."""
@@ -305,8 +362,11 @@ def sample_pool(
     sizes = np.bincount(labels).tolist()
     log.info(
         "CCDS: %d blocks from a pool of %d in %d clusters (sizes %s)",
-        len(idx), pool.shape[0], len(sizes), sizes,
-    )  # fmt: skip
+        len(idx),
+        pool.shape[0],
+        len(sizes),
+        sizes,
+    )
     return CalibrationSet(
         pool[idx], idx, "ccds", int(pool.shape[0]), len(sizes), sizes, [int(labels[i]) for i in idx]
     )
@@ -325,6 +385,8 @@ def build_calibration_set(
     """
     if texts is None:
         texts = load_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
-    pool = block_pool(texts, tokenizer, cfg.block_len, cfg.pool_size, cfg.seed, min_blocks=cfg.n_samples)
-    embeddings = embed_pool(pool, cfg, tokenizer, model) if cfg.method == "ccds" else None
+    pool = block_pool(
+        texts, tokenizer, cfg.block_len, cfg.pool_size, cfg.seed, min_blocks=cfg.n_samples, source=cfg.dataset
+    )
+    embeddings = embed_blocks(pool, cfg, tokenizer, model) if cfg.method == "ccds" else None
     return sample_pool(pool, cfg, embeddings)

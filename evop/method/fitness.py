@@ -1,4 +1,12 @@
-"""TODO docstring (from evop.fitness)."""
+"""Fitness of a pruning pattern: how much worse the model gets without those layers.
+
+Lower is better. ``ppl`` is the perplexity on the calibration blocks; ``kl`` is the mean KL
+divergence from the dense model's next-token distribution (its top-k probabilities, kept by
+:class:`DenseTopK`). :class:`PatternScorer` scores patterns *in place*: it runs the model with only
+the pattern's kept layers (:func:`evop.models.layers.layers_kept`), so the model is never reloaded
+or copied, and :class:`DensePrefix` lets a pattern's forward start at its first removed layer from
+cached dense hidden states.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ if TYPE_CHECKING:
     from evop.config import FitnessConfig
 
 log = logging.getLogger(__name__)
+
 
 def _batches(blocks: "torch.Tensor", batch_size: int) -> list["torch.Tensor"]:
     return [blocks[i : i + batch_size] for i in range(0, blocks.shape[0], batch_size)]

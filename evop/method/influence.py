@@ -1,4 +1,11 @@
-"""TODO docstring (from evop.search, evop.baselines)."""
+"""ShortGPT's Block Influence: how much each decoder layer changes its input.
+
+:func:`layer_influence` measures ``1 - cos(input, output)`` of every decoder layer on the calibration
+set in one dense forward (the only function here that touches a model; torch is imported inside it).
+:func:`lowest_influence` turns it into ShortGPT's pattern (the ``shortgpt`` baseline and one of
+EvoP's initial seeds) and :func:`influence_prior` into the per-layer prior that guides EvoP's swap
+mutation (:mod:`evop.method.epps`).
+"""
 
 from __future__ import annotations
 
@@ -34,11 +41,18 @@ def lowest_influence(
     return Pattern.of(num_layers, sorted(candidates, key=lambda c: (influence[c], c))[:k])
 
 
-def block_influence(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) -> list[float]:
+def layer_influence(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) -> list[float]:
     """ShortGPT's Block Influence of every decoder layer: ``1 - cos(x_in, x_out)`` averaged over
     all calibration tokens, from one dense forward pass (hooks read each layer's input and output).
 
-    A layer that barely changes its input (BI near 0) is the cheapest to remove.
+    A layer that barely changes its input (BI near 0) is the cheapest to remove. (ShortGPT says
+    "block" for a decoder layer; in EvoP a *block* is a window of tokens, so the function is named
+    for what it scores: layers.)
+
+    Args:
+        model: The dense model.
+        blocks: Calibration blocks (n, T) of token ids.
+        batch_size: Blocks per forward pass.
     """
     import torch
 

@@ -1,16 +1,20 @@
-"""TODO docstring (from evop.baselines)."""
+"""What a search method returns: the chosen pattern, its fitness and what finding it cost.
+
+Every search method (:data:`evop.searches.METHODS`: EvoP's GA and the baselines of
+:mod:`evop.baselines`) returns an :class:`Outcome`: the chosen pattern, its fitness on the full
+calibration set, how many distinct patterns it scored and how long that took. All of them score
+patterns through the same fitness callable (lower is better), so a comparison differs only in
+*how* the patterns are chosen. :func:`outcome_of_state` turns a finished GA state into one.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evop.method.patterns import Pattern
 from evop.method.state import SearchState
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass
@@ -18,7 +22,7 @@ class Outcome:
     """What one search method found, and what it cost.
 
     Attributes:
-        method: One of :data:`METHODS`.
+        method: One of :data:`~evop.searches.METHODS`.
         pattern: The chosen pattern.
         fitness: Its fitness on the full calibration set (``inf`` when it diverged).
         evaluations: Distinct patterns scored on the full calibration set.

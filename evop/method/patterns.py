@@ -1,13 +1,21 @@
-"""TODO docstring (from evop.patterns, evop.search, evop.baselines)."""
+"""Pruning patterns: which decoder layers a pruned model drops, and how many it may drop.
+
+A *pattern* (:class:`Pattern`) is the sorted set of removed layer indices of a model with
+``num_layers`` decoder layers. It is frozen and hashable so it can key the fitness memo, be
+logged as one line (``"1,5,7/30"``) and be read back from that line or from JSON.
+
+Every search method checks its problem the same way: :func:`layers_to_remove` turns a sparsity
+(or a count) into ``k``, :func:`resolve_protected` resolves protected layers (negative indices
+count from the end) and :func:`removable_layers` lists the layers a pattern may remove once it
+has checked that ``k`` fits.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    pass
+from evop.errors import BadInputError
 
 
 @dataclass(frozen=True, order=True)
@@ -25,11 +33,11 @@ class Pattern:
     def __post_init__(self) -> None:
         removed = tuple(sorted(set(int(i) for i in self.removed)))
         if len(removed) != len(self.removed):
-            raise ValueError(f"pattern has repeated layers: {list(self.removed)}")
+            raise BadInputError(f"pattern has repeated layers: {list(self.removed)}")
         if removed and (removed[0] < 0 or removed[-1] >= self.num_layers):
-            raise ValueError(f"layer index out of range [0, {self.num_layers}): {list(removed)}")
+            raise BadInputError(f"layer index out of range [0, {self.num_layers}): {list(removed)}")
         if len(removed) >= self.num_layers:
-            raise ValueError("a pattern must keep at least one layer")
+            raise BadInputError("a pattern must keep at least one layer")
         object.__setattr__(self, "removed", removed)
 
     @classmethod
@@ -45,7 +53,7 @@ class Pattern:
             removed = [int(x) for x in body.split(",") if x.strip()]
             return cls.of(int(total), removed)
         except ValueError as err:
-            raise ValueError(f"not a pattern {text!r} (expected e.g. '1,5,7/30'): {err}") from None
+            raise BadInputError(f"not a pattern {text!r} (expected e.g. '1,5,7/30'): {err}") from None
 
     @property
     def k(self) -> int:
@@ -74,10 +82,10 @@ def layers_to_remove(num_layers: int, sparsity: float | None = None, count: int 
         ValueError: if neither or both are given, or k is not in ``[1, num_layers - 1]``.
     """
     if (sparsity is None) == (count is None):
-        raise ValueError("give exactly one of sparsity or count")
+        raise BadInputError("give exactly one of sparsity or count")
     k = count if count is not None else int(round(sparsity * num_layers))  # type: ignore[operator]
     if not 1 <= k <= num_layers - 1:
-        raise ValueError(
+        raise BadInputError(
             f"removing {k} of {num_layers} layers is not a pruning (need 1 <= k <= {num_layers - 1})"
         )
     return k
@@ -92,7 +100,7 @@ def resolve_protected(num_layers: int, protected: Sequence[int]) -> list[int]:
     resolved = set()
     for index in protected:
         if not -num_layers <= index < num_layers:
-            raise ValueError(f"protected layer {index} is out of range for {num_layers} layers")
+            raise BadInputError(f"protected layer {index} is out of range for {num_layers} layers")
         resolved.add(index % num_layers)
     return sorted(resolved)
 
@@ -106,7 +114,7 @@ def removable_layers(num_layers: int, protected: Sequence[int], k: int) -> list[
     guarded = set(resolve_protected(num_layers, protected))
     candidates = [i for i in range(num_layers) if i not in guarded]
     if not 1 <= k <= len(candidates) or k >= num_layers:
-        raise ValueError(
+        raise BadInputError(
             f"cannot remove k={k} layers: {len(candidates)} of {num_layers} layers are removable "
             f"(protected: {sorted(guarded)}) and at least one layer must stay"
         )

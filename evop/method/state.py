@@ -1,4 +1,12 @@
-"""TODO docstring (from evop.search)."""
+"""The state of a pattern search: everything a resumed search needs, as strict JSON.
+
+:class:`SearchState` holds the population, the fitness memo, the random generator's state, the
+history and the stopping bookkeeping of one :class:`~evop.method.genetic.GeneticSearch`.
+:meth:`SearchState.to_json` writes it without ``Infinity``/``NaN`` (a diverged fitness is ``"inf"``)
+and :meth:`SearchState.from_json` reads it back into an equal state, so a crashed search resumes
+from its last checkpoint (:mod:`evop.storage.checkpoints`) and ends exactly as the uninterrupted
+one would. This module needs neither torch nor Prefect.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STATE_FORMAT = 1
-
-
 """Version of the JSON written by :meth:`SearchState.to_json`."""
 
 
@@ -54,10 +60,11 @@ class SearchState:
         memo: Every pattern ever scored -> its fitness (``math.inf`` for a diverged one), in
             scoring order.
         rng_state: ``random.Random`` state as JSON-friendly lists.
-        history: One dict per finished generation: ``generation``, ``best_fitness``,
-            ``mean_fitness`` (over the finite fitness values of the population),
-            ``evaluations`` (cumulative distinct fitness calls), ``new_evaluations``,
-            ``seconds`` (wall time; the only nondeterministic field) and ``best_pattern``.
+        history: One dict per finished generation (a GA generation or a polish round):
+            ``generation``, ``best_fitness``, ``mean_fitness`` (over the finite fitness values of
+            the population), ``evaluations`` (cumulative distinct fitness calls),
+            ``new_evaluations``, ``seconds`` (wall time; the only nondeterministic field),
+            ``best_pattern`` and ``phase`` (``"ga"`` or ``"polish"``).
         best: Best pattern found so far (``str(Pattern)``), ``None`` before generation 0.
         best_fitness: Its fitness (``math.inf`` until something finite is found).
         stall: Generations in a row without a strict improvement of ``best_fitness``.

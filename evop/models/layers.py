@@ -1,4 +1,11 @@
-"""TODO docstring (from evop.models)."""
+"""Reaching the decoder layers of causal LMs, family by family, and running without some of them.
+
+Every architecture keeps its decoder layers in one ``nn.ModuleList`` at a family-specific
+place, and counts them in a family-specific config attribute. Some also keep per-layer config
+lists (Gemma's ``layer_types``) that must follow the layers. :class:`LayerAccess` names those
+places (:data:`FAMILIES`); :func:`layers_kept` (and :func:`layers_skipped`) run the model with only
+some of its layers, *in place*, for scoring, and put the others back exactly.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,6 @@ from evop.method.patterns import Pattern
 
 if TYPE_CHECKING:
     from torch import nn
-
 
 
 class UnsupportedModelError(BadInputError):

@@ -1,4 +1,10 @@
-"""TODO docstring (from evop.models)."""
+"""Loading causal LMs and their tokenizers as the ``model`` config section says.
+
+:func:`load_model` takes a hub id, a local directory, a GGUF file or an ``evop-assets:`` reference,
+resolves the device (``auto``: CUDA when available) and the dtype, and reports a model that cannot
+be found or read as a :class:`ModelLoadError` naming it. :func:`read_num_layers` reads the decoder
+layer count from the configuration alone, for checks before any heavy work.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ if TYPE_CHECKING:
     from evop.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
 
 class ModelLoadError(BadInputError, RuntimeError):
     """A model could not be loaded (unknown id, offline hub, corrupted files...)."""
@@ -59,6 +66,22 @@ def _load_error(cfg: "ModelConfig", err: Exception) -> ModelLoadError:
     )
 
 
+def _model_source(cfg: "ModelConfig") -> str:
+    """``cfg.name_or_path`` resolved; a local directory must hold a model (its config.json).
+
+    Raises:
+        ModelLoadError: naming the directory when it has no config.json (and no ``gguf_file``).
+    """
+    from pathlib import Path
+
+    from evop.assets.references import resolve_reference
+
+    source = resolve_reference(cfg.name_or_path)
+    if not cfg.gguf_file and Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise ModelLoadError(f"{cfg.name_or_path!r} is not a model directory: no config.json in {source}")
+    return source
+
+
 def load_tokenizer(cfg: "ModelConfig") -> Any:
     """The model's tokenizer alone (cheap: no weights), with a pad token.
 
@@ -67,10 +90,9 @@ def load_tokenizer(cfg: "ModelConfig") -> Any:
     """
     from transformers import AutoTokenizer
 
-    from evop.assets.references import resolve_reference
-
+    source = _model_source(cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_reference(cfg.name_or_path), **_load_kwargs(cfg))
+        tokenizer = AutoTokenizer.from_pretrained(source, **_load_kwargs(cfg))
     except (OSError, ValueError) as err:
         raise _load_error(cfg, err) from err
     if tokenizer.pad_token is None:
@@ -91,15 +113,12 @@ def load_model(cfg: "ModelConfig") -> tuple["nn.Module", Any]:
     """
     from transformers import AutoModelForCausalLM
 
-    from evop.assets.references import resolve_reference
-
+    source = _model_source(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_reference(cfg.name_or_path), dtype=dtype, **_load_kwargs(cfg)
-        )
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_load_kwargs(cfg))
     except (OSError, ValueError) as err:
         raise _load_error(cfg, err) from err
     if cfg.gguf_file:
@@ -129,3 +148,32 @@ def forget_quantization(model: "nn.Module") -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def read_num_layers(cfg: "ModelConfig") -> int:
+    """The model's decoder layer count from its configuration alone (no weights: seconds, not
+    minutes), for checks before any heavy work.
+
+    Raises:
+        ModelLoadError: naming the model when its configuration cannot be found or read.
+        UnsupportedModelError: naming the model type when EvoP does not know the family.
+    """
+    from transformers import AutoConfig
+
+    from evop.models.layers import FAMILIES, UnsupportedModelError
+
+    try:
+        config = AutoConfig.from_pretrained(_model_source(cfg), **_load_kwargs(cfg))
+    except (OSError, ValueError) as err:
+        raise _load_error(cfg, err) from err
+    access = FAMILIES.get(getattr(config, "model_type", None))  # type: ignore[arg-type]
+    if access is None:
+        raise UnsupportedModelError(
+            f"unsupported model type {config.model_type!r} of {cfg.name_or_path!r}: EvoP knows where "
+            f"the decoder layers are for {', '.join(sorted(FAMILIES))}"
+        )
+    sub = getattr(config, access.config_path) if access.config_path else config
+    count = getattr(sub, "num_hidden_layers", None) or getattr(sub, "n_layer", None)
+    if not count:
+        raise ModelLoadError(f"the configuration of {cfg.name_or_path!r} does not say how many layers it has")
+    return int(count)

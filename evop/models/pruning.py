@@ -1,4 +1,9 @@
-"""TODO docstring (from evop.pruning)."""
+"""Materialising a pattern: a standard Hugging Face checkpoint with fewer decoder layers.
+
+:func:`prune_layers` removes the pattern's layers for good and renumbers the rest;
+:func:`save_pruned` writes the result with its tokenizer and ``evop_pattern.json`` in one rename,
+so ``AutoModelForCausalLM.from_pretrained`` loads it as is, without EvoP.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 log = logging.getLogger(__name__)
+
 
 def prune_layers(model: "nn.Module", pattern: Pattern, base_model: str | None = None) -> "nn.Module":
     """Remove the pattern's layers from ``model`` for good (in place) and return it.

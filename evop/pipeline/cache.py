@@ -1,4 +1,11 @@
-"""TODO docstring (from evop.pipeline)."""
+"""Models and pattern scorers loaded once per process and kept between pipeline steps.
+
+Loading a model costs more than most steps, and a Prefect worker (or
+:func:`~evop.pipeline.local.run_search`) runs many steps of one run in the same process:
+:func:`cached_model` keeps the model and tokenizer of each ``model`` config section and
+:func:`cached_scorer` the :class:`~evop.method.fitness.PatternScorer` of each run, until
+:func:`forget_models` drops them. A step that changes a model (pruning) loads its own copy.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,10 @@ from evop.config import EvoPConfig
 from evop.pipeline.store import BLOCKS, RunStore
 
 if TYPE_CHECKING:
-
     from evop.method.fitness import PatternScorer
 
 
 _MODELS: dict[str, tuple[Any, Any]] = {}
-
-
 _SCORERS: dict[str, "PatternScorer"] = {}
 
 

@@ -1,4 +1,12 @@
-"""TODO docstring (from evop.pipeline)."""
+"""The steps after the search: prune, evaluate, report and register the pruned model.
+
+:func:`prune_model` saves the pruned checkpoint once. :func:`evaluate_perplexity`,
+:func:`score_downstream` and :func:`measure_speed` compare it with the dense model (perplexity and
+lm-eval scores are kept in the run's store and reused; speed is measured anew each time and stored
+only for the record). :func:`write_report` adds the evaluation and the plots to
+``<output_dir>/result.json``, and :func:`register_model` logs the run to MLflow with the flat
+metrics of :func:`final_metrics` and registers the pruned model.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +14,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evop.config import EvoPConfig
 from evop.eval.downstream import task_directory
 from evop.pipeline.cache import cached_model
 from evop.pipeline.store import BLOCKS, RunStore, _require_tensor
 
-if TYPE_CHECKING:
-
-    pass
-
 log = logging.getLogger(__name__)
+
 
 def prune_model(cfg: EvoPConfig, result: dict[str, Any]) -> str:
     """Save the pruned checkpoint of ``result`` to ``<output_dir>/pruned-model`` (once)."""
@@ -113,8 +118,12 @@ def score_downstream(cfg: EvoPConfig, pruned_dir: str) -> dict[str, Any] | None:
         scores[label] = evaluate_tasks(
             model, tokenizer, e.tasks, include, e.num_fewshot, e.limit, e.lm_eval_batch_size
         )
-        log.info("lm-eval on the %s model: mean acc %s (%.1f s)", label, scores[label].get("mean_acc"),
-                 time.perf_counter() - start)  # fmt: skip
+        log.info(
+            "lm-eval on the %s model: mean acc %s (%.1f s)",
+            label,
+            scores[label].get("mean_acc"),
+            time.perf_counter() - start,
+        )
     run.put_json(name, scores)
     return scores
 
@@ -128,9 +137,13 @@ def measure_speed(cfg: EvoPConfig, pruned_dir: str) -> dict[str, Any] | None:
         return None
     dense_model, tokenizer = cached_model(cfg)
     report = compare_speed(
-        dense_model, _pruned_model(cfg, pruned_dir)[0], tokenizer,
-        prompt_len=e.prompt_len, new_tokens=e.new_tokens, runs=e.speed_runs,
-    )  # fmt: skip
+        dense_model,
+        _pruned_model(cfg, pruned_dir)[0],
+        tokenizer,
+        prompt_len=e.prompt_len,
+        new_tokens=e.new_tokens,
+        runs=e.speed_runs,
+    )
     add_checkpoint_sizes(report, cfg.model.name_or_path, pruned_dir)
     # Timings are measurements of this machine now: stored for the record, never reused.
     run = RunStore(cfg)
@@ -228,7 +241,11 @@ def register_model(
     state = run.checkpoints.latest()
     tags = {FLOW_RUN_TAG: flow_run_id} if flow_run_id else {}
     return log_and_register(
-        cfg, result, pruned_dir, metrics,
+        cfg,
+        result,
+        pruned_dir,
+        metrics,
         artifacts=[str(Path(cfg.output_dir) / "result.json")],
-        tags=tags, final_population=state.population if state else None,
-    )  # fmt: skip
+        tags=tags,
+        final_population=state.population if state else None,
+    )

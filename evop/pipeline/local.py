@@ -1,19 +1,23 @@
-"""TODO docstring (from evop.experiment)."""
+"""One search end to end in this process: model -> CCDS calibration set -> EPPS -> ``result.json``.
+
+:func:`run_search` is what the CLI runs: the pipeline's search steps (:mod:`evop.pipeline.search`)
+called in order without Prefect, over the same checkpoint store, so an interrupted run continues
+from its last checkpoint.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evop.config import EvoPConfig
 from evop.pipeline import search as steps
+from evop.pipeline.preflight import check_search
 from evop.pipeline.store import RunStore
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger(__name__)
+
 
 def run_search(
     cfg: EvoPConfig, on_generation: Callable[[dict[str, Any]], None] | None = None
@@ -31,8 +35,9 @@ def run_search(
         on_generation: Called with each generation's history entry (progress display).
 
     Returns:
-        The result dictionary (see :func:`build_result`).
+        The result dictionary (see :func:`~evop.pipeline.results.build_result`).
     """
+    check_search(cfg)  # bad input fails here, in seconds, before calibration and search
     steps.segment_dataset(cfg)
     steps.embed_pool(cfg)
     steps.sample_calibration_set(cfg)

@@ -1,4 +1,11 @@
-"""TODO docstring (from evop.experiment)."""
+"""The ``result.json`` contract: what a finished search writes, for ``evop prune`` and the pipeline.
+
+:func:`build_result` builds it from EvoP's final :class:`~evop.method.state.SearchState` and
+:func:`build_outcome_result` from a baseline's :class:`~evop.method.outcome.Outcome`, with the same
+keys: the pattern (removed and kept layers, sparsity), its fitness next to the dense model's, the
+search figures (evaluations, generations, stop reason, a history entry per generation or round),
+the calibration summary and the config with its hash.
+"""
 
 from __future__ import annotations
 
@@ -64,25 +71,49 @@ def build_result(
         for h in state.history
     ]
     return _result(
-        cfg, "evop", Pattern.parse(state.best), state.best_fitness, dense_fitness, calibration, wall_time_s,
-        evaluations=state.evaluations, generations=state.generation, stop_reason=state.stop_reason,
+        cfg,
+        "evop",
+        Pattern.parse(state.best),
+        state.best_fitness,
+        dense_fitness,
+        calibration,
+        wall_time_s,
+        evaluations=state.evaluations,
+        generations=state.generation,
+        stop_reason=state.stop_reason,
         history=history,
-    )  # fmt: skip
+    )
 
 
 def build_outcome_result(
     cfg: EvoPConfig, outcome: "Outcome", dense_fitness: float, calibration: dict[str, Any]
 ) -> dict[str, Any]:
-    """The ``result.json`` contract for a baseline method's :class:`~evop.baselines.Outcome`:
+    """The ``result.json`` contract for a baseline method's :class:`~evop.method.outcome.Outcome`:
     the same keys as :func:`build_result` (plus ``cheap_evaluations`` and ``details``), one
     history entry per round or generation."""
     history = [
-        {"generation": h["step"], "best_fitness": finite_or_none(h["best_fitness"]), "mean_fitness": None,
-         "evaluations": h["evaluations"], "seconds": None, "best_pattern": h["best_pattern"]}
+        {
+            "generation": h["step"],
+            "best_fitness": finite_or_none(h["best_fitness"]),
+            "mean_fitness": None,
+            "evaluations": h["evaluations"],
+            "seconds": None,
+            "best_pattern": h["best_pattern"],
+        }
         for h in outcome.history
-    ]  # fmt: skip
+    ]
     return _result(
-        cfg, outcome.method, outcome.pattern, outcome.fitness, dense_fitness, calibration, outcome.seconds,
-        evaluations=outcome.evaluations, cheap_evaluations=outcome.cheap_evaluations,
-        generations=len(outcome.history), stop_reason="finished", history=history, details=outcome.details,
-    )  # fmt: skip
+        cfg,
+        outcome.method,
+        outcome.pattern,
+        outcome.fitness,
+        dense_fitness,
+        calibration,
+        outcome.seconds,
+        evaluations=outcome.evaluations,
+        cheap_evaluations=outcome.cheap_evaluations,
+        generations=len(outcome.history),
+        stop_reason="finished",
+        history=history,
+        details=outcome.details,
+    )

@@ -1,4 +1,11 @@
-"""TODO docstring (from evop.pipeline)."""
+"""The calibration and search steps of the pipeline: text -> calibration set -> ``result.json``.
+
+In order: :func:`segment_dataset` (the candidate pool), :func:`embed_pool` (CCDS only) and
+:func:`sample_calibration_set`; then, for EvoP, :func:`seed_search` and :func:`run_generation` once
+per generation (each one checkpointed; :func:`search_status` says where a resumed search stands),
+or :func:`run_baseline` for any other ``search.method``; finally :func:`finalize_search` writes
+``result.json``. Each step is idempotent over the run's store (see :mod:`evop.pipeline`).
+"""
 
 from __future__ import annotations
 
@@ -44,7 +51,9 @@ def segment_dataset(cfg: EvoPConfig) -> str:
     if run.get(POOL) is None:
         c = cfg.calibration
         texts = load_texts(c.dataset, c.dataset_config, c.split, c.text_field)
-        pool = block_pool(texts, load_tokenizer(cfg.model), c.block_len, c.pool_size, c.seed, c.n_samples)
+        pool = block_pool(
+            texts, load_tokenizer(cfg.model), c.block_len, c.pool_size, c.seed, c.n_samples, source=c.dataset
+        )
         run.put_tensor(POOL, pool)
         log.info("pool of %d blocks x %d tokens -> %s", pool.shape[0], pool.shape[1], run.url(POOL))
     return run.url(POOL)
@@ -56,7 +65,7 @@ def embed_pool(cfg: EvoPConfig) -> str | None:
     Returns:
         The embeddings' URL, or None for ``method: random``.
     """
-    from evop.method.calibration import embed_pool as embed
+    from evop.method.calibration import embed_blocks
 
     if cfg.calibration.method != "ccds":
         return None
@@ -69,7 +78,7 @@ def embed_pool(cfg: EvoPConfig) -> str | None:
             from evop.models.loading import load_tokenizer
 
             model, tokenizer = None, load_tokenizer(cfg.model)
-        run.put_array(EMBEDDINGS, embed(pool, cfg.calibration, tokenizer, model))
+        run.put_array(EMBEDDINGS, embed_blocks(pool, cfg.calibration, tokenizer, model))
     return run.url(EMBEDDINGS)
 
 
@@ -113,7 +122,7 @@ def seed_search(cfg: EvoPConfig) -> dict[str, Any]:
         ``evaluations`` (patterns scored only to find the seeds) and ``seconds``.
     """
     from evop.method.epps import seed_search as seed
-    from evop.method.influence import block_influence
+    from evop.method.influence import layer_influence
 
     run = RunStore(cfg)
     saved = run.get_json(INITIAL_PATTERNS)
@@ -126,7 +135,7 @@ def seed_search(cfg: EvoPConfig) -> dict[str, Any]:
         scorer.num_layers,
         k,
         scorer,
-        influence=lambda: block_influence(scorer.model, scorer.blocks, cfg.fitness.batch_size),
+        influence=lambda: layer_influence(scorer.model, scorer.blocks, cfg.fitness.batch_size),
     )
     data = seeding.to_json()
     run.put_json(INITIAL_PATTERNS, data)
@@ -138,8 +147,17 @@ def seed_search(cfg: EvoPConfig) -> dict[str, Any]:
 
 
 def search_status(cfg: EvoPConfig) -> dict[str, Any]:
-    """Where the search stands in the store: ``{"generation": g, "done": bool}`` (g = -1: none)."""
-    state = RunStore(cfg).checkpoints.latest()
+    """Where the search stands in the store: ``{"generation": g, "done": bool}`` (g = -1: none).
+
+    A finished search's ``result.json`` is the record: once it is in the store, the search is
+    done, even if its newest generation checkpoint was corrupted afterwards (recomputing that
+    generation could not change the result, so it would be wasted work).
+    """
+    run = RunStore(cfg)
+    result = run.get_json(RESULT)
+    if result is not None:
+        return {"generation": int(result.get("generations", 0)), "done": True}
+    state = run.checkpoints.latest()
     if state is None:
         return {"generation": -1, "done": False}
     return {"generation": state.generation, "done": state.done}
@@ -152,8 +170,10 @@ def run_generation(cfg: EvoPConfig, generation: int) -> dict[str, Any]:
     recomputed (a corrupted newest one costs that generation only).
 
     Returns:
-        That generation's history entry plus ``done``, ``best_pattern``, ``evaluations`` and the
-        checkpoint's URL.
+        That generation's history entry (the last one when the search stopped before it; it holds
+        ``best_pattern``, ``evaluations``, ``phase``, ...) plus ``done``, ``stop_reason``,
+        ``total_evaluations`` (distinct patterns scored so far) and ``checkpoint_seconds`` (time to
+        save the last checkpoint written by this call; 0 when every generation was already stored).
     """
     run = RunStore(cfg)
     state = run.checkpoints.latest()
@@ -184,9 +204,9 @@ def run_baseline(cfg: EvoPConfig) -> dict[str, Any]:
     against it, re-scoring only what was not saved.
 
     Returns:
-        The :class:`~evop.baselines.Outcome` as JSON.
+        The :class:`~evop.method.outcome.Outcome` as JSON.
     """
-    from evop.method.influence import block_influence
+    from evop.method.influence import layer_influence
     from evop.method.patterns import layers_to_remove
     from evop.method.scoring import ScoreMemo
     from evop.searches import run_method
@@ -213,7 +233,7 @@ def run_baseline(cfg: EvoPConfig) -> dict[str, Any]:
         k,
         memo.fitness(scorer),
         cheap,
-        influence=lambda: block_influence(scorer.model, scorer.blocks, cfg.fitness.batch_size),
+        influence=lambda: layer_influence(scorer.model, scorer.blocks, cfg.fitness.batch_size),
     )
     memo.flush()
     data = outcome.to_json()

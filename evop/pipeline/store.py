@@ -1,4 +1,11 @@
-"""TODO docstring (from evop.pipeline)."""
+"""Where one run lives in the checkpoint store: its prefix, its keys and their codecs.
+
+:func:`store_uri` picks the store (the config's ``checkpoints``, else ``<output_dir>/checkpoints``)
+and :func:`run_prefix` the run's prefix (the hash of the search-determining config).
+:class:`RunStore` reads and writes the keys below it (:data:`POOL`, :data:`BLOCKS`, ...; the layout
+is in :mod:`evop.pipeline`) as safetensors, ``.npy`` arrays or JSON, and holds the run's
+:class:`~evop.storage.checkpoints.SearchCheckpoints`.
+"""
 
 from __future__ import annotations
 
@@ -14,29 +21,14 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-
-
+# The run's keys (relative to its prefix); the layout is described in :mod:`evop.pipeline`.
 POOL = "calibration/pool.safetensors"
-
-
 EMBEDDINGS = "calibration/embeddings.npy"
-
-
 SAMPLE = "calibration/sample.json"
-
-
 BLOCKS = "calibration/blocks.safetensors"
-
-
 RESULT = "result.json"
-
-
 INITIAL_PATTERNS = "search/initial_patterns.json"
-
-
 BASELINE_MEMO = "search/memo.json"
-
-
 BASELINE_OUTCOME = "search/outcome.json"
 
 

@@ -1,4 +1,16 @@
-"""TODO docstring (from evop.checkpoints)."""
+"""Checkpoint storage for long searches: a local directory or an S3 bucket.
+
+:func:`open_store` turns a URI (``file://``, a plain path or ``s3://bucket/prefix``) into an
+:class:`ObjectStore` (:class:`LocalStore` or :class:`S3Store`). On it, :class:`SearchCheckpoints`
+writes every finished generation's :class:`~evop.method.state.SearchState` as its own JSON object
+``<prefix>/generations/gen-000003.json`` carrying a SHA-256 of its payload; the manifest
+``<prefix>/manifest.json`` is rewritten only after that object is complete. Loading walks the
+manifest from the newest generation back and takes the first object whose checksum verifies, so a
+corrupted or half-written latest checkpoint costs one generation, never the search.
+
+Credentials for S3 come from the standard AWS chain (environment, ``~/.aws``, instance role);
+they are never read from the EvoP config and never logged.
+"""
 
 from __future__ import annotations
 
@@ -235,8 +247,6 @@ def generation_key(generation: int) -> str:
 
 
 _RESERVED = ("generation", "sha256", "state")
-
-
 """Top-level fields of a checkpoint object that ``extra`` must not override."""
 
 

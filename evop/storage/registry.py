@@ -1,4 +1,28 @@
-"""TODO docstring (from evop.registry)."""
+"""Track a finished EvoP run in MLflow and register its pruned model.
+
+One pipeline run is one MLflow run holding the flattened config as params, the search history as
+per-generation metrics (``step`` = generation), the final perplexities, ``result.json``, the
+pattern, the plots and the pruned Hugging Face directory under ``pruned-model/``. That directory
+becomes a new version of ``cfg.registry.registered_model``.
+
+MLflow 3 notes that shaped this module:
+
+* ``mlflow.register_model("runs:/<id>/pruned-model")`` fails on a plain artifact folder (it
+  expects a logged model), so the version is created with ``MlflowClient.create_model_version``
+  whose ``source`` is the folder's artifact URI.
+* Everything goes through an explicit :class:`~mlflow.tracking.MlflowClient`; nothing touches the
+  global tracking URI or the fluent "active run", so this is safe inside a long-lived worker.
+* An unreachable HTTP tracking server is retried for minutes by default
+  (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``); the first request here is a probe with few retries and a
+  short timeout, so a wrong URI fails in seconds with a :class:`RegistryError`.
+
+Idempotency: the run is tagged ``evop.run_key`` = hash of the whole config. The pipeline is
+deterministic and resumable, so every flow run of one config (a retry, a re-run, a second
+``make demo``) is the same pipeline run continued: a call whose key matches a FINISHED run returns
+that run and its model version instead of logging (and registering) a second time. The Prefect
+flow-run id is only a tag. A run that crashed half-way is marked FAILED and a retry starts a new
+run.
+"""
 
 from __future__ import annotations
 
@@ -24,32 +48,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "evop.run_key"
-
-
 """Run tag that makes :func:`log_and_register` idempotent."""
 
-
 FLOW_RUN_TAG = "prefect.flow_run_id"
-
-
 """Key in ``tags`` holding the Prefect flow-run id (part of the run key, copied to the version)."""
 
-
 MODEL_ARTIFACT_PATH = "pruned-model"
-
-
 """Artifact folder of the pruned Hugging Face directory inside the run."""
 
-
 PROBE_RETRIES = 1
-
-
 """HTTP retries of the first request to the tracking server (MLflow's default is 7)."""
 
-
 PROBE_TIMEOUT_S = 5
-
-
 """Seconds the first request to the tracking server may take (MLflow's default is 120)."""
 
 
@@ -63,8 +73,6 @@ _PATTERN_KEYS = (
     "fitness_metric",
     "fitness",
 )
-
-
 """Fields of ``result`` copied into the small ``pattern.json`` artifact."""
 
 
@@ -273,7 +281,7 @@ def log_and_register(
 
     Args:
         cfg: The run's configuration (``cfg.registry`` says where to log).
-        result: The ``result.json`` dictionary (see :func:`evop.experiment.build_result`).
+        result: The ``result.json`` dictionary (see :func:`evop.pipeline.results.build_result`).
         pruned_dir: The pruned Hugging Face checkpoint directory (weights, config, tokenizer).
         metrics: Final scalars, e.g. ``{"pruned_ppl.calibration": 31.2, "dense_ppl.news": 18.0}``.
         artifacts: Extra files logged at the artifact root under their own names.

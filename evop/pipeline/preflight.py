@@ -1,0 +1,87 @@
+"""Checks of a configuration against the world, before any heavy work.
+
+:class:`~evop.config.EvoPConfig` validates what a config says on its own (types, ranges, one
+field against another). What it cannot know without looking elsewhere is checked here, in
+seconds, before calibration, search or evaluation spend minutes: the model's layer count against
+``k`` and ``protected_layers``, the text sources, the lm-eval task names, the output directory
+and the checkpoint store. Each failure is an :class:`~evop.errors.EvoPError` naming the problem;
+nothing is written except a probe file in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from evop.config import EvoPConfig, check_output_dir
+from evop.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+
+def check_search(cfg: EvoPConfig) -> int:
+    """Check what a search needs: the model's layers against ``k`` and the protected layers, the
+    calibration text, the output directory and the checkpoint store.
+
+    Returns:
+        The model's decoder layer count.
+
+    Raises:
+        EvoPError: the first problem found, naming it.
+    """
+    from evop.method.patterns import layers_to_remove, removable_layers
+    from evop.models.loading import read_num_layers
+
+    check_output_dir(cfg)
+    n = read_num_layers(cfg.model)
+    s = cfg.search
+    try:
+        k = layers_to_remove(n, s.sparsity, s.num_remove)
+    except ValueError as err:
+        raise BadInputError(f"search.sparsity/num_remove: {err} ({cfg.model.name_or_path})") from None
+    removable_layers(n, s.protected_layers, k)
+    _check_source("calibration.dataset", cfg.calibration.dataset)
+    _check_store(cfg)
+    return n
+
+
+def check_run(cfg: EvoPConfig) -> int:
+    """:func:`check_search`, plus what the evaluation after it needs: held-out text sources and
+    lm-eval task names (an unknown task must not be found after the search has run).
+
+    Returns:
+        The model's decoder layer count.
+    """
+    n = check_search(cfg)
+    e = cfg.evaluation
+    for source in e.heldout:
+        _check_source("evaluation.heldout", source)
+    if e.tasks:
+        from evop.eval.downstream import OFFLINE_TASKS, check_task_names
+
+        if any(t in OFFLINE_TASKS for t in e.tasks):
+            _check_source("evaluation.task_source", e.task_source)
+        check_task_names(e.tasks, e.include_path)
+    return n
+
+
+def _check_source(field: str, source: str) -> None:
+    """A text source that names a local file or an ``evop-assets:`` asset must exist; dataset
+    names (``wikitext``) are left to the loader, which may need the network."""
+    from evop.assets.references import REFERENCE_PREFIX, resolve_reference
+
+    path = resolve_reference(source)  # an unprepared asset is an AssetError naming the fix
+    if source.startswith(REFERENCE_PREFIX) or "/" in source or Path(source).suffix:
+        if not Path(path).exists():
+            raise BadInputError(f"{field}: {source!r} does not exist")
+
+
+def _check_store(cfg: EvoPConfig) -> None:
+    """The checkpoint store opens (a bad URI, a missing bucket, refused credentials fail here)."""
+    from evop.pipeline.store import store_uri
+    from evop.storage.checkpoints import open_store
+
+    store = open_store(store_uri(cfg))
+    check = getattr(store, "check", None)
+    if check is not None:
+        check()
