@@ -281,13 +281,27 @@ def _ppl_table(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Inference speed of a pruned model against its dense base (see :mod:`evop.eval.speed`)."""
+    """Inference speed of a pruned model against its dense base (see :mod:`evop.eval.speed`): a
+    saved checkpoint, or ``--pattern`` applied to an in-memory copy of the dense model."""
+    import copy
+
     from evop.config import ModelConfig
     from evop.eval.speed import add_checkpoint_sizes, compare_speed, format_speed_table
+    from evop.method.patterns import Pattern
     from evop.models.loading import load_model
+    from evop.models.pruning import prune_layers
 
-    dense, tokenizer = load_model(ModelConfig(name_or_path=args.base, device=args.device))
-    pruned, _ = load_model(ModelConfig(name_or_path=args.model, device=args.device))
+    if (args.model is None) == (args.pattern is None):
+        raise ConfigError("give either a pruned model (PRUNED) or --pattern, not both")
+
+    def load(ref: str):
+        return load_model(ModelConfig(name_or_path=ref, device=args.device, dtype=args.dtype))
+
+    dense, tokenizer = load(args.base)
+    if args.pattern:
+        pruned = prune_layers(copy.deepcopy(dense), Pattern.parse(args.pattern), base_model=args.base)
+    else:
+        pruned, _ = load(args.model)
     report = compare_speed(
         dense,
         pruned,
@@ -298,9 +312,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         runs=args.runs,
     )
-    for label, ref in (("dense", args.base), ("pruned", args.model)):
+    for label, ref in (("dense", args.base), ("pruned", args.model or f"pattern {args.pattern}")):
         report[label]["path"] = ref
     add_checkpoint_sizes(report, args.base, args.model)
+    report["pattern"] = args.pattern
     print(format_speed_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -405,8 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("bench", help="inference speed (prefill, decode tokens/s) of pruned vs dense")
-    p.add_argument("model", help="pruned model directory or hub id")
+    p.add_argument("model", nargs="?", help="pruned model directory or hub id (or give --pattern)")
     p.add_argument("--base", required=True, help="dense model to compare against")
+    p.add_argument("--pattern", help="removed layers, e.g. '4,5,6/30': prune an in-memory copy of --base")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy decode steps with the KV cache")
     p.add_argument("--runs", type=int, default=3, help="timed runs per model (median reported)")

@@ -151,8 +151,8 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
                 {
                     "generation": entry["generation"],
                     "phase": entry.get("phase", "ga"),  # "polish": a local-search round after the GA
-                    "best fitness": format_number(entry["best_fitness"], missing='diverged'),
-                    "mean fitness": format_number(entry["mean_fitness"], missing='diverged'),
+                    "best fitness": format_number(entry["best_fitness"], missing="diverged"),
+                    "mean fitness": format_number(entry["mean_fitness"], missing="diverged"),
                     "evaluations": entry["evaluations"],
                     "seconds": round(entry["seconds"], 2),
                     "checkpoint seconds": round(entry["checkpoint_seconds"], 3),
@@ -213,8 +213,14 @@ def _plots_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Plots: {report['base_model']}, removed {report['removed_layers']}"]
     for name, path in report["plots"].items():
         data = base64.b64encode(Path(path).read_bytes()).decode()
-        lines += ["", f"## {titles.get(name, name)}", "", f"![{name}](data:image/png;base64,{data})", "",
-                  f"`{path}`"]  # fmt: skip
+        lines += [
+            "",
+            f"## {titles.get(name, name)}",
+            "",
+            f"![{name}](data:image/png;base64,{data})",
+            "",
+            f"`{path}`",
+        ]
     return "\n".join(lines)
 
 
@@ -223,7 +229,7 @@ def _baseline_rows(outcome: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "round": h["step"],
-            "best fitness": format_number(h["best_fitness"], missing='diverged'),
+            "best fitness": format_number(h["best_fitness"], missing="diverged"),
             "evaluations": h["evaluations"],
             "best pattern": h["best_pattern"],
         }
@@ -265,8 +271,11 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
             f"decode {format_number(ratios.get('decode_speedup'))}x; "
             f"ideal {format_number(speed['ideal']['compute'])}x.",
         ]
-    lines += ["", f"- checkpoints: [{summary['checkpoints']}]({summary['checkpoints']})",
-              f"- pruned model: `{summary['pruned_model']}`"]  # fmt: skip
+    lines += [
+        "",
+        f"- checkpoints: [{summary['checkpoints']}]({summary['checkpoints']})",
+        f"- pruned model: `{summary['pruned_model']}`",
+    ]
     if summary.get("mlflow"):
         m = summary["mlflow"]
         lines.append(

@@ -91,8 +91,14 @@ def test_greedy_misses_an_interaction_that_exhaustive_and_the_ga_find():
 def test_seeded_ga_never_ends_worse_than_its_seeds_and_counts_their_cost():
     # A tiny budget: 4 patterns, no generation after the first. Random patterns alone would not
     # find the 3 cheapest layers; the ppl-oneshot seed is exactly them on a separable objective.
-    settings = SearchConfig(num_remove=3, protected_layers=[], population=4, generations=1, patience=1,
-                            initial_patterns=["ppl-oneshot", "shortgpt"])  # fmt: skip
+    settings = SearchConfig(
+        num_remove=3,
+        protected_layers=[],
+        population=4,
+        generations=1,
+        patience=1,
+        initial_patterns=["ppl-oneshot", "shortgpt"],
+    )
     influence = [-w for w in WEIGHTS]  # points at the 3 *dearest* layers
     counter = Counter(separable)
     outcome = run_epps(counter, 10, 3, settings, influence=lambda: influence)
@@ -334,8 +340,9 @@ def test_pipeline_seeds_the_ga_with_the_shortgpt_pattern_once(tiny_dir, text_fil
     assert result["initial_patterns"] == seeds["patterns"]
     memo = json.loads(RunStore(cfg).checkpoints.latest().to_json())["memo"]
     assert result["fitness"] <= memo[seeds["patterns"][0]]
-    unseeded = run_search(_cfg(tiny_dir, text_file, tmp_path / "plain", population=6, generations=2,
-                               initial_patterns=[]))  # fmt: skip
+    unseeded = run_search(
+        _cfg(tiny_dir, text_file, tmp_path / "plain", population=6, generations=2, initial_patterns=[])
+    )
     assert unseeded["initial_patterns"] == []
 
 

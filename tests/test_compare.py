@@ -219,9 +219,22 @@ def test_the_benchmark_script_is_the_same_command(tiny_dir, texts, tmp_path):
 
     config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
     root = Path(__file__).resolve().parent.parent
-    args = [sys.executable, str(root / "benchmarks" / "compare.py"), "--config", str(config),
-            "--out", str(tmp_path / "cmp"), "--methods", "evop,random", "--sparsities", "0.25",
-            "--ablation-seeds", "", "--optimum-k", "0"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(root / "benchmarks" / "compare.py"),
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path / "cmp"),
+        "--methods",
+        "evop,random",
+        "--sparsities",
+        "0.25",
+        "--ablation-seeds",
+        "",
+        "--optimum-k",
+        "0",
+    ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| 25% (2/8) | random |" in done.stdout
@@ -234,8 +247,21 @@ def test_the_benchmark_script_is_the_same_command(tiny_dir, texts, tmp_path):
 def test_scores_are_not_shared_across_fitness_settings(tiny_dir, texts, tmp_path):
     config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
     out = tmp_path / "cmp"
-    args = ["compare", "--config", str(config), "--out", str(out), "--methods", "shortgpt",
-            "--sparsities", "0.25", "--ablation-seeds", "", "--optimum-k", "0"]  # fmt: skip
+    args = [
+        "compare",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--methods",
+        "shortgpt",
+        "--sparsities",
+        "0.25",
+        "--ablation-seeds",
+        "",
+        "--optimum-k",
+        "0",
+    ]
     assert main(args) == 0
     full = json.loads((out / COMPARE_FILE).read_text())["units"]["main/shortgpt/0.25"]
     assert main([*args, "fitness.token_budget=64"]) == 0  # 2 of the 6 calibration blocks

@@ -31,19 +31,29 @@ def make_cfg(tiny_dir, text_file, out, checkpoints=None, evaluation=None, regist
         {
             "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
             "calibration": {
-                "dataset": str(text_file), "pool_size": 48, "block_len": 32, "n_samples": 8,
-                "embedder": "model", "n_clusters": 4,
+                "dataset": str(text_file),
+                "pool_size": 48,
+                "block_len": 32,
+                "n_samples": 8,
+                "embedder": "model",
+                "n_clusters": 4,
             },
             "search": {"num_remove": 3, "population": 8, "generations": 5, "patience": 10, **search},
             "fitness": {"batch_size": 4},
             # lm-eval, speed and MLflow have their own tests; here one test runs them in the flow.
-            "evaluation": {"heldout": [str(text_file)], "block_len": 32, "max_blocks": 4, "tasks": [],
-                           "speed": False, **(evaluation or {})},
+            "evaluation": {
+                "heldout": [str(text_file)],
+                "block_len": 32,
+                "max_blocks": 4,
+                "tasks": [],
+                "speed": False,
+                **(evaluation or {}),
+            },
             "registry": {"enabled": False, **(registry or {})},
             "output_dir": str(out),
             "checkpoints": checkpoints,
         }
-    )  # fmt: skip
+    )
 
 
 def comparable(result: dict) -> dict:
@@ -148,8 +158,10 @@ def test_sigkill_then_rerun_resumes_without_recomputing(
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     proc = subprocess.Popen(
         [sys.executable, "-m", "evop.cli", "run", "--config", str(tmp_path / "cfg.yaml")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while _manifest(out, cfg).get("latest", -1) < 1:
         assert proc.poll() is None, "the flow ended before it could be killed"
@@ -279,11 +291,23 @@ def test_flow_scores_lm_eval_speed_and_registers_in_mlflow(
     from tests.tiny_models import random_blocks
 
     evaluation = {
-        "tasks": ["evop_lastword", "evop_continuation"], "task_source": str(sentences_file),
-        "task_examples": 8, "limit": 8, "speed": True, "speed_runs": 1, "prompt_len": 16, "new_tokens": 4,
-    }  # fmt: skip
-    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", evaluation=evaluation, registry={"enabled": True},
-                   generations=1)  # fmt: skip
+        "tasks": ["evop_lastword", "evop_continuation"],
+        "task_source": str(sentences_file),
+        "task_examples": 8,
+        "limit": 8,
+        "speed": True,
+        "speed_runs": 1,
+        "prompt_len": 16,
+        "new_tokens": 4,
+    }
+    cfg = make_cfg(
+        tiny_dir,
+        text_file,
+        tmp_path / "run",
+        evaluation=evaluation,
+        registry={"enabled": True},
+        generations=1,
+    )
     summary = evop_pipeline(config=cfg)
     report = json.loads((tmp_path / "run" / "result.json").read_text())
     for label in ("dense", "pruned"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,32 @@ def test_cli_bench(tmp_path, capsys):
     assert report["dense"]["num_layers"] == 8 and report["pruned"]["num_layers"] == 6
     assert report["pruned"]["checkpoint_bytes"] == checkpoint_size(pruned_dir)
     assert report["ideal"]["compute"] == pytest.approx(8 / 6)
+
+
+def test_bench_with_a_pattern_and_the_benchmark_script(tmp_path, capsys):
+    """`evop bench --pattern` prunes an in-memory copy of the base; benchmarks/speed.py is the
+    same command as a script (one implementation, not two)."""
+    import runpy
+    import sys
+
+    from evop.cli import main
+
+    dense_dir = save_tiny_model(tmp_path / "dense", "llama", 8)
+    out = tmp_path / "speed.json"
+    argv = ["--base", str(dense_dir), "--pattern", str(PATTERN), "--device", "cpu", "--prompt-len", "8"]
+    argv += ["--new-tokens", "2", "--runs", "1", "--json", str(out)]
+    assert main(["bench", *argv]) == 0
+    report = json.loads(out.read_text())
+    assert report["pattern"] == str(PATTERN) and report["pruned"]["num_layers"] == 6
+    assert main(["bench", str(dense_dir), *argv]) == 2  # a checkpoint and a pattern: which one?
+    assert "either a pruned model" in capsys.readouterr().err
+    out.unlink()
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    old = sys.argv
+    sys.argv = [str(script), *argv]
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = old
+    assert done.value.code == 0 and json.loads(out.read_text())["pruned"]["num_layers"] == 6
