@@ -1,4 +1,4 @@
-"""The ``evop`` command line: assets, search, prune, ppl."""
+"""The ``evop`` command line: assets, search, run, prune, ppl, bench, compare."""
 
 from __future__ import annotations
 
