@@ -18,6 +18,9 @@ from evop.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".md")
+"""Suffixes that make a text source a local file rather than a dataset name."""
+
 
 def check_search(cfg: EvoPConfig) -> int:
     """Check what a search needs: the model's layers against ``k`` and the protected layers, the
@@ -67,13 +70,16 @@ def check_run(cfg: EvoPConfig) -> int:
 
 def _check_source(field: str, source: str) -> None:
     """A text source that names a local file or an ``evop-assets:`` asset must exist; dataset
-    names (``wikitext``) are left to the loader, which may need the network."""
+    names (``wikitext``, ``allenai/c4``) are left to the loader, which may need the network."""
     from evop.assets.references import REFERENCE_PREFIX, resolve_reference
 
     path = resolve_reference(source)  # an unprepared asset is an AssetError naming the fix
-    if source.startswith(REFERENCE_PREFIX) or "/" in source or Path(source).suffix:
-        if not Path(path).exists():
-            raise BadInputError(f"{field}: {source!r} does not exist")
+    local = (
+        source.startswith((REFERENCE_PREFIX, "/", "./", "../", "~"))
+        or Path(source).suffix.lower() in LOCAL_SUFFIXES
+    )
+    if local and not Path(path).expanduser().exists():
+        raise BadInputError(f"{field}: {source!r} does not exist")
 
 
 def _check_store(cfg: EvoPConfig) -> None:
