@@ -365,3 +365,33 @@ def test_a_rerun_replays_saved_scores_instead_of_rescoring(tiny_dir, text_file, 
     again = run_search(cfg)
     assert calls == []
     assert again["removed_layers"] == first["removed_layers"] and again["fitness"] == first["fitness"]
+
+
+@pytest.mark.parametrize("initial_patterns", [["shortgpt"], ["ppl-oneshot", "shortgpt"]])
+def test_the_pipeline_and_the_comparison_run_the_same_evop(initial_patterns, tiny_dir, text_file, tmp_path):
+    """EvoP's GA is assembled in one place (evop.method.epps): the pipeline's checkpointed steps and
+    the comparison's in-process run_method give the same seeds, search and final pattern."""
+    from evop.eval.perplexity import load_blocks
+    from evop.method.fitness import PatternScorer
+    from evop.models.loading import load_model
+    from evop.searches import run_method
+
+    cfg = _cfg(
+        tiny_dir, text_file, tmp_path / "run", population=6, generations=3, initial_patterns=initial_patterns
+    )
+    result = run_search(cfg)
+    model, _ = load_model(cfg.model)
+    scorer = PatternScorer.from_config(
+        model, load_blocks(tmp_path / "run" / "calibration.safetensors"), cfg.fitness
+    )
+    outcome = run_method(
+        cfg.search,
+        8,
+        2,
+        scorer,
+        influence=lambda: layer_influence(model, scorer.blocks, cfg.fitness.batch_size),
+    )
+    assert outcome.details["initial_patterns"] == result["initial_patterns"]
+    assert str(outcome.pattern) == result["pattern"] and outcome.fitness == result["fitness"]
+    assert outcome.evaluations == result["evaluations"]
+    assert [h["best_pattern"] for h in outcome.history] == [h["best_pattern"] for h in result["history"]]
