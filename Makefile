@@ -33,6 +33,7 @@ assets: install
 	$(BIN)/evop assets
 
 test: assets
+	$(BIN)/evop assets gemma3   # the second model family of the real tier (once: cached)
 	$(BIN)/python -m pytest -q
 
 test-fast: install

