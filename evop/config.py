@@ -219,6 +219,13 @@ class FitnessConfig(_Section):
         description="Memory for the dense hidden states shared by all candidates: a pattern's forward "
         "starts at its first removed layer instead of layer 0 (0 turns it off).",
     )
+    aggregate: Literal["mean", "clusters", "worst-cluster"] = Field(
+        "mean",
+        description="How per-block losses become the fitness: 'mean' over all calibration tokens; "
+        "'clusters': the mean of the per-cluster means (every CCDS cluster counts the same); "
+        "'worst-cluster': the worst cluster's mean (robustness across the text's variety). The "
+        "cluster aggregates need calibration.method: ccds.",
+    )
 
 
 class EvaluationConfig(_Section):
@@ -285,6 +292,17 @@ class RegistryConfig(_Section):
     )
 
 
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("fitness", "aggregate"): "mean"}
+"""(section, field) -> default: fields that did not exist when earlier searches were checkpointed."""
+
+
+def without_neutral_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A section's dumped ``values`` without the :data:`HASH_NEUTRAL_DEFAULTS` fields at their
+    default: what identifies a search (or its scores) across versions of this config."""
+    missing = object()
+    return {k: v for k, v in values.items() if HASH_NEUTRAL_DEFAULTS.get((section, k), missing) != v}
+
+
 class EvoPConfig(_Section):
     """A whole EvoP run: model, calibration, search, fitness and output."""
 
@@ -302,9 +320,23 @@ class EvoPConfig(_Section):
         "(AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.aws), never from this file.",
     )
 
+    @model_validator(mode="after")
+    def _clusters_need_ccds(self) -> "EvoPConfig":
+        if self.fitness.aggregate != "mean" and self.calibration.method != "ccds":
+            raise ValueError(
+                f"fitness.aggregate={self.fitness.aggregate} needs CCDS clusters (calibration.method: ccds)"
+            )
+        return self
+
     def search_hash(self) -> str:
-        """Short hash of everything that determines the search result (not where results go)."""
+        """Short hash of everything that determines the search result (not where results go).
+
+        Fields added after searches were already checkpointed are left out while they hold their
+        default (:data:`HASH_NEUTRAL_DEFAULTS`): the search they describe is the one those
+        checkpoints hold, so it must keep its hash and resume.
+        """
         payload = self.model_dump(mode="json", include={"model", "calibration", "search", "fitness"})
+        payload = {section: without_neutral_defaults(section, v) for section, v in payload.items()}
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -92,3 +92,15 @@ def test_search_hash_ignores_output_dir_only():
 )
 def test_every_shipped_config_is_valid(path):
     assert load_config(path).output_dir
+
+
+def test_cluster_aggregates_need_ccds_and_keep_earlier_hashes():
+    from evop.config import ConfigError, build_config, load_config
+
+    with pytest.raises(ConfigError, match="needs CCDS clusters"):
+        build_config({"fitness": {"aggregate": "worst-cluster"}, "calibration": {"method": "random"}})
+    demo = load_config("configs/demo.yaml")
+    # The demo's checkpoints (evop-<hash>/) from before fitness.aggregate existed must stay valid.
+    assert demo.search_hash() == "a8616f47171958e3"
+    clusters = load_config("configs/demo.yaml", ["fitness.aggregate=clusters"])
+    assert clusters.search_hash() != demo.search_hash()

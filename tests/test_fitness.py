@@ -9,7 +9,7 @@ import torch
 
 from evop.method.fitness import PatternScorer, nll_to_ppl, perplexity
 from evop.method.patterns import Pattern
-from evop.models.layers import layer_access
+from evop.models.layers import layer_access, layers_kept
 from tests.tiny_models import random_blocks, tiny_model
 
 
@@ -104,3 +104,55 @@ def test_prefix_cache_respects_its_memory_budget():
     scorer = PatternScorer(model, blocks, prefix_cache_mb=2 * 8 / 1024)
     assert scorer._prefix.depth == 2
     assert scorer(Pattern.of(6, [4])) == PatternScorer(model, blocks)(Pattern.of(6, [4]))
+
+
+# --------------------------------------------------------------------------- cluster aggregates
+
+
+def test_aggregates_against_hand_computations():
+    from evop.method.fitness import aggregate_block_losses
+
+    sums, clusters = [2.0, 4.0, 6.0, 8.0], [0, 0, 1, 2]  # 2 positions per block
+    assert aggregate_block_losses(sums, 2, None, "mean") == pytest.approx(20 / 8)
+    # per-cluster means: (2+4)/4 = 1.5, 6/2 = 3, 8/2 = 4
+    assert aggregate_block_losses(sums, 2, clusters, "clusters") == pytest.approx((1.5 + 3 + 4) / 3)
+    assert aggregate_block_losses(sums, 2, clusters, "worst-cluster") == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="needs the cluster"):
+        aggregate_block_losses(sums, 2, [0, 1], "clusters")
+    with pytest.raises(ValueError, match="unknown fitness aggregate"):
+        aggregate_block_losses(sums, 2, clusters, "median")
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "clusters", "worst-cluster"])
+def test_scorer_aggregates_per_block_losses_by_cluster(aggregate):
+    """The scorer's cluster aggregates equal per-block perplexities combined by hand."""
+    from evop.method.fitness import mean_nll
+
+    model = tiny_model("llama")
+    blocks = random_blocks(6, 16)
+    clusters = [0, 0, 0, 1, 1, 2]
+    pattern = Pattern.of(6, [2, 4])
+    scorer = PatternScorer(model, blocks, batch_size=4, aggregate=aggregate, clusters=clusters)
+    with layers_kept(model, pattern.kept):
+        nll = [mean_nll(model, blocks[i : i + 1]) for i in range(6)]  # one block at a time
+    by_cluster = [sum(nll[:3]) / 3, sum(nll[3:5]) / 2, nll[5]]
+    expected = {
+        "mean": sum(nll) / 6,
+        "clusters": sum(by_cluster) / 3,
+        "worst-cluster": max(by_cluster),
+    }[aggregate]
+    assert scorer(pattern) == pytest.approx(math.exp(expected), rel=1e-5)
+    if aggregate == "mean":  # the default path is the one every earlier search used
+        assert scorer(pattern) == PatternScorer(model, blocks, batch_size=4)(pattern)
+
+
+def test_kl_worst_cluster_is_the_worst_blocks_kl():
+    model = tiny_model("llama")
+    blocks = random_blocks(4, 16)
+    pattern = Pattern.of(6, [1, 3])
+    per_block = [PatternScorer(model, blocks[i : i + 1], metric="kl")(pattern) for i in range(4)]
+    scorer = PatternScorer(model, blocks, "kl", 2, aggregate="worst-cluster", clusters=[0, 1, 2, 3])
+    assert scorer(pattern) == pytest.approx(max(per_block), rel=1e-4)
+    assert scorer.dense() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="needs the cluster"):
+        PatternScorer(model, blocks, aggregate="clusters")

@@ -400,3 +400,24 @@ def test_an_unknown_lm_eval_task_fails_the_flow_before_any_step(prefect_api, tin
     with pytest.raises(UnknownTaskError, match="evop_no_such_task.*include_path"):
         evop_pipeline(config=cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_cluster_aggregate_search_scores_each_block_with_its_ccds_cluster(tiny_dir, text_file, tmp_path):
+    """fitness.aggregate reaches the pipeline's scorer with the cluster of every calibration block."""
+    from evop.eval.perplexity import load_blocks
+    from evop.method.fitness import PatternScorer
+    from evop.method.patterns import Pattern
+    from evop.models.loading import load_model
+    from evop.pipeline.local import run_search
+
+    cfg = make_cfg(tiny_dir, text_file, tmp_path / "run", generations=1)
+    cfg = cfg.model_copy(update={"fitness": cfg.fitness.model_copy(update={"aggregate": "worst-cluster"})})
+    result = run_search(cfg)
+    sample = pipeline.RunStore(cfg).get_json("calibration/sample.json")
+    assert len(sample["clusters"]) == 8 and len(set(sample["clusters"])) > 1
+    model, _ = load_model(cfg.model)
+    blocks = load_blocks(tmp_path / "run" / "calibration.safetensors")
+    pattern = Pattern.parse(result["pattern"])
+    worst = PatternScorer(model, blocks, batch_size=4, aggregate="worst-cluster", clusters=sample["clusters"])
+    assert worst(pattern) == result["fitness"]
+    assert PatternScorer(model, blocks, batch_size=4)(pattern) < result["fitness"]  # the mean is lower

@@ -31,7 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evop.config import EvoPConfig
+from evop.config import EvoPConfig, without_neutral_defaults
 from evop.eval.compare_report import render_markdown
 from evop.eval.compare_spec import (
     AT_SLEB_BUDGET,
@@ -78,7 +78,8 @@ class Comparison:
         self.out.mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer = model if model is not None else load_model(cfg.model)
         self.num_layers = num_layers(self.model)
-        self._calibration: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        # name -> (blocks (n, T), summary, each block's CCDS cluster or None)
+        self._calibration: dict[str, tuple[torch.Tensor, dict[str, Any], list[int] | None]] = {}
         self._scorers: dict[str, PatternScorer] = {}
         self._memos: dict[str, ScoreMemo] = {}
         self._heldout: dict[str, PatternScorer] | None = None
@@ -109,6 +110,7 @@ class Comparison:
         import hashlib
 
         f = self.cfg.fitness.model_dump(mode="json", exclude={"batch_size", "prefix_cache_mb"})
+        f = without_neutral_defaults("fitness", f)  # memos of earlier versions stay valid
         payload = [self.cfg.model.model_dump(mode="json"), f, self.cfg.search.evopress_cheap_fraction]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -161,7 +163,7 @@ class Comparison:
         if name not in self._calibration:
             model = self.model if c.embedder == "model" else None
             calib = build_calibration_set(c, self.tokenizer, model)
-            self._calibration[name] = (calib.blocks, calib.summary())
+            self._calibration[name] = (calib.blocks, calib.summary(), calib.sample_clusters or None)
             path = self.out / f"memo-{name}-{self._fitness_key()}.json"
             saved = json.loads(path.read_text()) if path.is_file() else None
             self._memos[name] = ScoreMemo(
@@ -178,8 +180,9 @@ class Comparison:
                 full = self.scorer(calib)
                 self._scorers[key] = full.first_blocks(self.cfg.search.evopress_cheap_fraction)
             else:
-                blocks = self._calibration[calib][0]
-                self._scorers[key] = PatternScorer.from_config(self.model, blocks, self.cfg.fitness)
+                blocks, _, clusters = self._calibration[calib]
+                fitness = self.cfg.fitness
+                self._scorers[key] = PatternScorer.from_config(self.model, blocks, fitness, clusters)
         return self._scorers[key]
 
     def fitness(self, calib: str, cheap: bool = False) -> CountingFitness:
@@ -410,7 +413,7 @@ class Comparison:
             "model": self.cfg.model.name_or_path,
             "num_layers": self.num_layers,
             "fitness_metric": self.cfg.fitness.metric,
-            "calibration": {name: summary for name, (_, summary) in self._calibration.items()}
+            "calibration": {name: summary for name, (_, summary, _) in self._calibration.items()}
             | {"dataset": self.cfg.calibration.dataset},
             "heldout": {"sources": list(e.heldout), "block_len": e.block_len, "max_blocks": e.max_blocks},
             "spec": asdict(self.spec),

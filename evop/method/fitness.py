@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
@@ -80,6 +80,48 @@ def _batch_nll(logits: "torch.Tensor", batch: "torch.Tensor") -> "torch.Tensor":
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
 
 
+AGGREGATES = ("mean", "clusters", "worst-cluster")
+"""How per-block losses become one fitness (``fitness.aggregate``)."""
+
+
+def aggregate_block_losses(
+    sums: Sequence[float], tokens_per_block: int, clusters: Sequence[int] | None, how: str
+) -> float:
+    """One mean loss per token from per-block loss sums.
+
+    Args:
+        sums: Summed loss (NLL or KL, nats) of each block.
+        tokens_per_block: Positions each block's sum covers.
+        clusters: The CCDS cluster of each block (needed unless ``how == "mean"``).
+        how: ``"mean"``: over all tokens; ``"clusters"``: the mean of the per-cluster means, so
+            every cluster of the calibration text counts the same, however many blocks it has;
+            ``"worst-cluster"``: the largest per-cluster mean (a pattern is as good as the domain
+            it hurts most).
+
+    Raises:
+        ValueError: for an unknown ``how``, or clusters that do not match the blocks.
+    """
+    if how == "mean":
+        return math.fsum(sums) / (tokens_per_block * len(sums))
+    if how not in AGGREGATES:
+        raise ValueError(f"unknown fitness aggregate {how!r}; choose one of {', '.join(AGGREGATES)}")
+    if clusters is None or len(clusters) != len(sums):
+        raise ValueError(f"fitness.aggregate={how} needs the cluster of each of the {len(sums)} blocks")
+    per_cluster: dict[int, list[float]] = {}
+    for value, cluster in zip(sums, clusters, strict=True):
+        per_cluster.setdefault(int(cluster), []).append(value)
+    means = [math.fsum(v) / (tokens_per_block * len(v)) for _, v in sorted(per_cluster.items())]
+    return max(means) if how == "worst-cluster" else math.fsum(means) / len(means)
+
+
+def _block_nll(logits: "torch.Tensor", batch: "torch.Tensor") -> "torch.Tensor":
+    """Summed next-token NLL of each block of one batch, shape ``(B,)``, in float32."""
+    import torch.nn.functional as F
+
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+    return nll.view(batch.shape[0], -1).sum(-1)
+
+
 class DenseTopK:
     """The dense model's top-k next-token log-probabilities on each calibration batch.
 
@@ -99,8 +141,9 @@ class DenseTopK:
                 logp, idx = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
                 self.parts.append((logp, idx))
 
-    def batch_kl(self, logits: "torch.Tensor", batch_index: int) -> "torch.Tensor":
-        """Summed KL(dense || model) over one batch's positions, top-k tokens + one 'rest' bucket.
+    def batch_kl(self, logits: "torch.Tensor", batch_index: int, per_block: bool = False) -> "torch.Tensor":
+        """Summed KL(dense || model) over one batch's positions, top-k tokens + one 'rest' bucket
+        (``per_block``: one sum per block, shape ``(B,)``).
 
         Merging the tail into one bucket can only lower the KL (data-processing inequality), so
         this is a tight lower bound of the full KL when the top k hold most of the mass.
@@ -112,7 +155,8 @@ class DenseTopK:
         p = logp.exp()
         p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
         q_rest = (1 - logq.exp().sum(-1)).clamp_min(1e-12)
-        return ((p * (logp - logq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())).sum()
+        kl = (p * (logp - logq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())  # (B, T)
+        return kl.sum(-1) if per_block else kl.sum()
 
 
 class DensePrefix:
@@ -202,6 +246,8 @@ class PatternScorer:
         token_budget: Score on the first blocks holding at most this many tokens (None: all).
         kl_top_k: Dense probabilities kept per position for ``kl``.
         prefix_cache_mb: Memory for dense hidden states shared by all candidates (0: off).
+        aggregate: How per-block losses become the fitness (see :func:`aggregate_block_losses`).
+        clusters: The CCDS cluster of each block (for the cluster aggregates).
 
     Attributes:
         calls: Patterns scored so far (the dense reference is not counted).
@@ -217,6 +263,8 @@ class PatternScorer:
         token_budget: int | None = None,
         kl_top_k: int = 64,
         prefix_cache_mb: float = 0,
+        aggregate: str = "mean",
+        clusters: Sequence[int] | None = None,
     ):
         if blocks.ndim != 2 or blocks.shape[0] == 0:
             raise ValueError(
@@ -226,6 +274,11 @@ class PatternScorer:
             raise ValueError(f"unknown fitness metric {metric!r} (use 'ppl' or 'kl')")
         if token_budget is not None:
             blocks = blocks[: max(1, token_budget // blocks.shape[1])]
+        if clusters is not None:
+            clusters = [int(c) for c in clusters[: blocks.shape[0]]]
+        aggregate_block_losses([0.0] * blocks.shape[0], 1, clusters, aggregate)  # fail early
+        self.aggregate = aggregate
+        self.clusters = clusters
         self.model = model
         self.blocks = blocks
         self.metric = metric
@@ -241,10 +294,25 @@ class PatternScorer:
         self._prefix = DensePrefix(model, self._batches, prefix_cache_mb) if prefix_cache_mb > 0 else None
 
     @classmethod
-    def from_config(cls, model: "nn.Module", blocks: "torch.Tensor", cfg: "FitnessConfig") -> "PatternScorer":
-        """The scorer the ``fitness`` section of a config describes."""
+    def from_config(
+        cls,
+        model: "nn.Module",
+        blocks: "torch.Tensor",
+        cfg: "FitnessConfig",
+        clusters: Sequence[int] | None = None,
+    ) -> "PatternScorer":
+        """The scorer the ``fitness`` section of a config describes (``clusters``: each block's
+        CCDS cluster, for the cluster aggregates)."""
         return cls(
-            model, blocks, cfg.metric, cfg.batch_size, cfg.token_budget, cfg.kl_top_k, cfg.prefix_cache_mb
+            model,
+            blocks,
+            cfg.metric,
+            cfg.batch_size,
+            cfg.token_budget,
+            cfg.kl_top_k,
+            cfg.prefix_cache_mb,
+            cfg.aggregate,
+            clusters,
         )
 
     def first_blocks(self, fraction: float) -> "PatternScorer":
@@ -259,6 +327,8 @@ class PatternScorer:
             None,
             self.kl_top_k,
             self.prefix_cache_mb,
+            self.aggregate,
+            None if self.clusters is None else self.clusters[:n],
         )
 
     def _score(self, start: "DensePrefix | None" = None, pattern: Pattern | None = None) -> float:
@@ -266,19 +336,31 @@ class PatternScorer:
         import torch
 
         total, count = 0.0, 0
+        per_block: list[float] = []  # summed loss of each block, for the cluster aggregates
         batch_index = [0]
         ctx = start.start_at(self.model, pattern, batch_index) if start is not None else nullcontext()
         with torch.inference_mode(), ctx:
             for i, batch in enumerate(self._batches):
                 batch_index[0] = i
                 logits = self.model(input_ids=batch, use_cache=False).logits  # (B, T, V)
-                if self._dense is not None:
+                if self.aggregate != "mean":
+                    sums = (
+                        self._dense.batch_kl(logits, i, per_block=True)
+                        if self._dense is not None
+                        else _block_nll(logits, batch)
+                    )  # (B,)
+                    per_block += sums.tolist()
+                elif self._dense is not None:
                     total += self._dense.batch_kl(logits, i).item()
                     count += batch.numel()
                 else:
                     total += _batch_nll(logits, batch).item()
                     count += batch[:, 1:].numel()
-        value = total / count
+        if self.aggregate != "mean":
+            positions = self.blocks.shape[1] - (0 if self._dense is not None else 1)
+            value = aggregate_block_losses(per_block, positions, self.clusters, self.aggregate)
+        else:
+            value = total / count
         if self._dense is not None:
             return value if math.isfinite(value) else math.inf
         return nll_to_ppl(value)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from evop.config import EvoPConfig
-from evop.pipeline.store import BLOCKS, RunStore
+from evop.pipeline.store import BLOCKS, SAMPLE, RunStore
 
 if TYPE_CHECKING:
     from evop.method.fitness import PatternScorer
@@ -44,7 +44,8 @@ def cached_scorer(run: RunStore) -> "PatternScorer":
                 f"no calibration blocks at {run.url(BLOCKS)}: sample the calibration set first"
             )
         model, _ = cached_model(run.cfg)
-        _SCORERS[key] = PatternScorer.from_config(model, blocks, run.cfg.fitness)
+        clusters = (run.get_json(SAMPLE) or {}).get("clusters") or None  # each block's CCDS cluster
+        _SCORERS[key] = PatternScorer.from_config(model, blocks, run.cfg.fitness, clusters)
     return _SCORERS[key]
 
 

@@ -98,8 +98,10 @@ def sample_calibration_set(cfg: EvoPConfig) -> dict[str, Any]:
     embeddings = run.get_array(EMBEDDINGS) if cfg.calibration.method == "ccds" else None
     calib = sample_pool(pool, cfg.calibration, embeddings)
     run.put_tensor(BLOCKS, calib.blocks)
-    run.put_json(SAMPLE, {"pool_indices": calib.pool_indices, "summary": calib.summary()})
-    return calib.summary()
+    summary = calib.summary()
+    clusters = calib.sample_clusters  # each block's CCDS cluster, for the cluster aggregates
+    run.put_json(SAMPLE, {"pool_indices": calib.pool_indices, "clusters": clusters, "summary": summary})
+    return summary
 
 
 def _search(run: RunStore) -> "GeneticSearch":
