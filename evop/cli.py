@@ -107,6 +107,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 "generations / evaluations",
                 f"{result['generations']} / {result['evaluations']} ({result['stop_reason']})",
             ),
+            ("tokens forwarded", f"{result.get('tokens_forwarded') or 0:,}"),
             ("wall time", f"{result['wall_time_s']:.1f} s"),
             ("result", str(Path(cfg.output_dir) / RESULT_FILE)),
         ],

@@ -133,6 +133,17 @@ class SearchConfig(_Section):
     polish_radius: int = Field(
         1, ge=1, description="How far (in layers) from the removed ones a polish move may put a layer."
     )
+    racing_ratio: float | None = Field(
+        None,
+        gt=1,
+        description="Racing: score a candidate one calibration batch (stage) at a time and stop as "
+        "soon as its fitness on the batches scored so far is above racing_ratio x the best pattern's "
+        "on the same batches; it then ranks after every fully scored pattern. None: off (every "
+        "candidate is scored on all blocks). Needs fitness.aggregate: mean.",
+    )
+    racing_min_stages: int = Field(
+        1, ge=1, description="Racing: batches a candidate is always scored on before it can be stopped."
+    )
     survivors: Literal["generational", "plus"] = Field(
         "generational",
         description="'generational': the elites and the children replace the population (keeps "
@@ -292,7 +303,11 @@ class RegistryConfig(_Section):
     )
 
 
-HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("fitness", "aggregate"): "mean"}
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("fitness", "aggregate"): "mean",
+    ("search", "racing_ratio"): None,
+    ("search", "racing_min_stages"): 1,
+}
 """(section, field) -> default: fields that did not exist when earlier searches were checkpointed."""
 
 
@@ -322,6 +337,8 @@ class EvoPConfig(_Section):
 
     @model_validator(mode="after")
     def _clusters_need_ccds(self) -> "EvoPConfig":
+        if self.search.racing_ratio is not None and self.fitness.aggregate != "mean":
+            raise ValueError("search.racing_ratio needs fitness.aggregate: mean (racing compares means)")
         if self.fitness.aggregate != "mean" and self.calibration.method != "ccds":
             raise ValueError(
                 f"fitness.aggregate={self.fitness.aggregate} needs CCDS clusters (calibration.method: ccds)"

@@ -154,6 +154,8 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
                     "best fitness": format_number(entry["best_fitness"], missing="diverged"),
                     "mean fitness": format_number(entry["mean_fitness"], missing="diverged"),
                     "evaluations": entry["evaluations"],
+                    "tokens forwarded": entry.get("tokens"),
+                    "raced out": entry.get("raced_out"),
                     "seconds": round(entry["seconds"], 2),
                     "checkpoint seconds": round(entry["checkpoint_seconds"], 3),
                     "best pattern": entry["best_pattern"],

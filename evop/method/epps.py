@@ -135,8 +135,11 @@ def seed_search(
 def build_search(
     settings: SearchConfig, num_layers: int, k: int, fitness: FitnessFn, seeding: Seeding
 ) -> GeneticSearch:
-    """EvoP's GA: ``seeding``'s patterns first in the initial population, its prior guiding mutation."""
+    """EvoP's GA: ``seeding``'s patterns first in the initial population, its prior guiding mutation;
+    when ``fitness`` is scored stage by stage (a PatternScorer), tokens are counted and racing
+    (``search.racing_ratio``) is possible."""
     prior = influence_prior(seeding.block_influence) if seeding.block_influence else None
+    staged = fitness if hasattr(fitness, "stage_sums") else None
     return GeneticSearch(
         num_layers,
         k,
@@ -144,6 +147,7 @@ def build_search(
         fitness=fitness,
         seed_patterns=[Pattern.parse(p) for p in seeding.patterns],
         layer_prior=prior,
+        staged=staged,  # type: ignore[arg-type]
     )
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
+from evop.method.dense_cache import DensePrefix, DenseTopK
 from evop.method.patterns import Pattern
-from evop.models.layers import check_pattern, layer_access, layers_kept, num_layers
+from evop.models.layers import check_pattern, device_of, layers_kept, num_layers
 
 if TYPE_CHECKING:
     import torch
@@ -33,10 +34,6 @@ def _batches(blocks: "torch.Tensor", batch_size: int) -> list["torch.Tensor"]:
     return [blocks[i : i + batch_size] for i in range(0, blocks.shape[0], batch_size)]
 
 
-def _device_of(model: "nn.Module") -> "torch.device":
-    return next(model.parameters()).device
-
-
 def mean_nll(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) -> float:
     """Mean next-token negative log-likelihood (nats) over all positions of ``blocks``.
 
@@ -47,7 +44,7 @@ def mean_nll(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) ->
     """
     import torch
 
-    device = _device_of(model)
+    device = device_of(model)
     total, count = 0.0, 0
     with torch.inference_mode():
         for batch in _batches(blocks, batch_size):
@@ -122,119 +119,6 @@ def _block_nll(logits: "torch.Tensor", batch: "torch.Tensor") -> "torch.Tensor":
     return nll.view(batch.shape[0], -1).sum(-1)
 
 
-class DenseTopK:
-    """The dense model's top-k next-token log-probabilities on each calibration batch.
-
-    Keeping only the top k probabilities (plus the remaining mass) bounds memory at
-    ``N * T * k`` entries instead of ``N * T * vocab``: 128 x 2048 blocks with k=64 take 134 MB
-    where full float16 logits of a 32k vocabulary would take 17 GB.
-    """
-
-    def __init__(self, model: "nn.Module", batches: list["torch.Tensor"], top_k: int):
-        import torch
-
-        device = _device_of(model)
-        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (B, T, k) logp, idx
-        with torch.inference_mode():
-            for batch in batches:
-                logits = model(input_ids=batch.to(device), use_cache=False).logits.float()
-                logp, idx = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
-                self.parts.append((logp, idx))
-
-    def batch_kl(self, logits: "torch.Tensor", batch_index: int, per_block: bool = False) -> "torch.Tensor":
-        """Summed KL(dense || model) over one batch's positions, top-k tokens + one 'rest' bucket
-        (``per_block``: one sum per block, shape ``(B,)``).
-
-        Merging the tail into one bucket can only lower the KL (data-processing inequality), so
-        this is a tight lower bound of the full KL when the top k hold most of the mass.
-        """
-        import torch
-
-        logp, idx = self.parts[batch_index]
-        logq = torch.log_softmax(logits.float(), -1).gather(-1, idx)  # (B, T, k)
-        p = logp.exp()
-        p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
-        q_rest = (1 - logq.exp().sum(-1)).clamp_min(1e-12)
-        kl = (p * (logp - logq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())  # (B, T)
-        return kl.sum(-1) if per_block else kl.sum()
-
-
-class DensePrefix:
-    """Dense hidden states entering layers ``1..depth`` for each calibration batch.
-
-    A pattern whose first removed layer is ``f`` runs layers ``0..f-1`` exactly as the dense model
-    does, so its forward can start at layer ``f`` from the cached state: the prefix is computed
-    once instead of once per candidate. ``depth`` is capped by a memory budget.
-    """
-
-    def __init__(self, model: "nn.Module", batches: list["torch.Tensor"], budget_mb: float):
-        import torch
-
-        self.layers = layer_access(model).layers(model)
-        hidden = model.config.get_text_config().hidden_size
-        itemsize = next(model.parameters()).element_size()
-        per_layer = sum(b.numel() for b in batches) * hidden * itemsize
-        self.depth = min(len(self.layers) - 1, int(budget_mb * 2**20 // max(per_layer, 1)))
-        self.states: list[dict[int, torch.Tensor]] = [{} for _ in batches]
-        if self.depth < 1:
-            return
-        device = _device_of(model)
-        current: dict[int, torch.Tensor] = {}
-
-        def capture(j: int):
-            def hook(module, args, kwargs):
-                current[j] = (args[0] if args else kwargs["hidden_states"]).clone()
-
-            return hook
-
-        handles = [
-            self.layers[j].register_forward_pre_hook(capture(j), with_kwargs=True)
-            for j in range(1, self.depth + 1)
-        ]
-        try:
-            with torch.inference_mode(), layers_kept(model, range(self.depth + 1)):
-                # Only layers 0..depth are needed to see the inputs of layers 1..depth.
-                for i, batch in enumerate(batches):
-                    model(input_ids=batch.to(device), use_cache=False)
-                    self.states[i] = dict(current)
-        finally:
-            for handle in handles:
-                handle.remove()
-        log.debug(
-            "cached dense hidden states entering layers 1..%d (%.1f MB)",
-            self.depth,
-            per_layer * self.depth / 2**20,
-        )
-
-    @contextmanager
-    def start_at(self, model: "nn.Module", pattern: Pattern, batch_index: list[int]) -> Iterator[None]:
-        """Run only the pattern's kept layers from its first removed layer on, fed from the cache.
-
-        ``batch_index[0]`` names the batch whose cached state is injected on the next forward.
-        """
-        first = pattern.removed[0]
-        tail = [i for i in pattern.kept if i >= first]
-
-        def inject(module, args, kwargs):
-            state = self.states[batch_index[0]][first]
-            if args:
-                return (state, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": state}
-
-        handle = self.layers[tail[0]].register_forward_pre_hook(inject, with_kwargs=True)
-        try:
-            with layers_kept(model, tail):
-                yield
-        finally:
-            handle.remove()
-
-    def covers(self, pattern: Pattern) -> bool:
-        """Whether the cache can start ``pattern``'s forward (its first removed layer is cached)."""
-        if not pattern.removed or not 1 <= pattern.removed[0] <= self.depth:
-            return False
-        return pattern.kept[-1] > pattern.removed[0]  # some kept layer runs after the jump
-
-
 class PatternScorer:
     """Scores patterns on fixed calibration blocks by skipping their layers in place.
 
@@ -252,6 +136,7 @@ class PatternScorer:
     Attributes:
         calls: Patterns scored so far (the dense reference is not counted).
         seconds: Time spent scoring patterns.
+        tokens: Tokens forwarded so far (dense reference included).
     """
 
     def __init__(
@@ -288,7 +173,8 @@ class PatternScorer:
         self.num_layers = num_layers(model)
         self.calls = 0
         self.seconds = 0.0
-        device = _device_of(model)
+        self.tokens = 0
+        device = device_of(model)
         self._batches = [b.to(device) for b in _batches(blocks, batch_size)]
         self._dense = DenseTopK(model, self._batches, kl_top_k) if metric == "kl" else None
         self._prefix = DensePrefix(model, self._batches, prefix_cache_mb) if prefix_cache_mb > 0 else None
@@ -333,34 +219,89 @@ class PatternScorer:
 
     def _score(self, start: "DensePrefix | None" = None, pattern: Pattern | None = None) -> float:
         """Score the model as it stands (or from the dense prefix cache for ``pattern``)."""
+        per_block: list[float] = []  # summed loss of each block, for the cluster aggregates
+        sums = self._batch_sums(range(len(self._batches)), start, pattern, per_block)
+        if self.aggregate != "mean":
+            positions = self.blocks.shape[1] - (0 if self._dense is not None else 1)
+            return self._finish(aggregate_block_losses(per_block, positions, self.clusters, self.aggregate))
+        return self.fitness_of(sums)
+
+    def _batch_sums(
+        self,
+        batches: range,
+        start: "DensePrefix | None" = None,
+        pattern: Pattern | None = None,
+        per_block: list[float] | None = None,
+    ) -> list[float]:
+        """Summed loss (NLL or KL) of each of ``batches``, with the model as it stands (or from the
+        dense prefix cache for ``pattern``); ``per_block`` collects each block's sum when given."""
         import torch
 
-        total, count = 0.0, 0
-        per_block: list[float] = []  # summed loss of each block, for the cluster aggregates
+        sums = []
         batch_index = [0]
         ctx = start.start_at(self.model, pattern, batch_index) if start is not None else nullcontext()
         with torch.inference_mode(), ctx:
-            for i, batch in enumerate(self._batches):
+            for i in batches:
+                batch = self._batches[i]
                 batch_index[0] = i
                 logits = self.model(input_ids=batch, use_cache=False).logits  # (B, T, V)
-                if self.aggregate != "mean":
-                    sums = (
+                self.tokens += batch.numel()
+                if per_block is not None and self.aggregate != "mean":
+                    block = (
                         self._dense.batch_kl(logits, i, per_block=True)
                         if self._dense is not None
                         else _block_nll(logits, batch)
                     )  # (B,)
-                    per_block += sums.tolist()
+                    per_block += block.tolist()
+                    sums.append(float(block.sum()))
                 elif self._dense is not None:
-                    total += self._dense.batch_kl(logits, i).item()
-                    count += batch.numel()
+                    sums.append(self._dense.batch_kl(logits, i).item())
                 else:
-                    total += _batch_nll(logits, batch).item()
-                    count += batch[:, 1:].numel()
+                    sums.append(_batch_nll(logits, batch).item())
+        return sums
+
+    @property
+    def stage_positions(self) -> list[int]:
+        """Scored positions of each batch (a *stage* of racing): ``B x T`` for KL, ``B x (T-1)``
+        for perplexity."""
+        drop = 0 if self._dense is not None else 1
+        return [b.shape[0] * (b.shape[1] - drop) for b in self._batches]
+
+    @property
+    def stage_tokens(self) -> list[int]:
+        """Tokens forwarded to score each batch."""
+        return [b.numel() for b in self._batches]
+
+    def stage_sums(self, pattern: Pattern, start: int = 0, stop: int | None = None) -> list[float]:
+        """Summed loss of batches ``start..stop-1`` of ``pattern``: racing scores a candidate one
+        stage at a time and stops when it is clearly out. :meth:`fitness_of` of all stages' sums
+        equals ``self(pattern)`` exactly (same batches, same order of summation).
+
+        Raises:
+            ValueError: with a cluster aggregate (racing compares means over all tokens).
+        """
         if self.aggregate != "mean":
-            positions = self.blocks.shape[1] - (0 if self._dense is not None else 1)
-            value = aggregate_block_losses(per_block, positions, self.clusters, self.aggregate)
+            raise ValueError("racing needs fitness.aggregate: mean")
+        batches = range(start, len(self._batches) if stop is None else stop)
+        check_pattern(self.model, pattern)
+        began = time.perf_counter()
+        if self._prefix is not None and self._prefix.covers(pattern):
+            sums = self._batch_sums(batches, self._prefix, pattern)
         else:
-            value = total / count
+            with layers_kept(self.model, pattern.kept):
+                sums = self._batch_sums(batches)
+        self.seconds += time.perf_counter() - began
+        return sums
+
+    def fitness_of(self, sums: list[float]) -> float:
+        """The fitness from the summed losses of all stages, in order (see :meth:`stage_sums`)."""
+        total = 0.0
+        for value in sums:  # sequential, as the unstaged score sums them
+            total += value
+        return self._finish(total / sum(self.stage_positions[: len(sums)]))
+
+    def _finish(self, value: float) -> float:
+        """Mean loss per position -> fitness: KL as it is, NLL as perplexity."""
         if self._dense is not None:
             return value if math.isfinite(value) else math.inf
         return nll_to_ppl(value)

@@ -37,7 +37,8 @@ from evop.config import SearchConfig
 from evop.errors import BadInputError
 from evop.method.operators import crossover, sample_patterns, swap_mutation
 from evop.method.patterns import Pattern, removable_layers
-from evop.method.scoring import FitnessFn, finite_score
+from evop.method.racing import StagedFitness, score_candidates
+from evop.method.scoring import FitnessFn
 from evop.method.state import SearchState, rng_state_from_json, rng_state_to_json
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class GeneticSearch:
             protected layers). ``settings.sparsity``/``num_remove`` are not read: ``k`` is explicit.
         fitness: Scores one pattern (lower is better).
         seed_patterns: Patterns placed first in the initial population (e.g. baselines).
+        staged: The fitness scored stage by stage (:class:`~evop.method.racing.StagedFitness`,
+            e.g. the :class:`~evop.method.fitness.PatternScorer` behind ``fitness``): counts the
+            tokens forwarded, and makes racing (``settings.racing_ratio``) possible.
         layer_prior: Removability of every layer in ``(0, 1]`` guiding swap mutation (see
             :func:`~evop.method.operators.swap_mutation`;
             :func:`~evop.method.influence.influence_prior` makes one from Block Influence).
@@ -71,6 +75,7 @@ class GeneticSearch:
         fitness: FitnessFn,
         seed_patterns: Sequence[Pattern] = (),
         layer_prior: Sequence[float] | None = None,
+        staged: StagedFitness | None = None,
     ) -> None:
         if num_layers < 2:
             raise BadInputError(f"need at least 2 layers to prune, got {num_layers}")
@@ -81,6 +86,9 @@ class GeneticSearch:
         self.protected = [i for i in range(num_layers) if i not in set(self.candidates)]
         self.space_size = math.comb(len(self.candidates), k)
         self._fitness = fitness
+        if settings.racing_ratio is not None and staged is None:
+            raise BadInputError("search.racing_ratio needs a fitness that is scored stage by stage")
+        self.staged = staged
         self.seed_patterns = self._check_seeds(seed_patterns)
         if layer_prior is not None and (
             len(layer_prior) != num_layers or not all(0 < p <= 1 for p in layer_prior)
@@ -132,14 +140,18 @@ class GeneticSearch:
         rng = random.Random()
         rng.setstate(rng_state_from_json(state.rng_state))
         memo = dict(state.memo)
+        stage_sums = {key: list(v) for key, v in state.stage_sums.items()}
         polishing = state.ga_stop_reason is not None
         pool = self._candidates(state, rng, memo, polishing)
         fresh = [p for p in pool if str(p) not in memo]
-        for pattern in fresh:
-            memo[str(pattern)] = finite_score(self._fitness, pattern)
-        ranked = self._survivors(state, pool, memo, polishing)
+        tokens = score_candidates(
+            fresh, memo, stage_sums, state.best, self._fitness, self.staged, self.settings
+        )
+        ranked = self._survivors(state, pool, memo, polishing, stage_sums)
         new = self._advance(state, ranked, memo, polishing)
         new.rng_state = rng_state_to_json(rng.getstate())
+        new.stage_sums = stage_sums
+        new.tokens = None if tokens is None else (state.tokens or 0) + tokens
         entry = {
             "generation": new.generation,
             "best_fitness": new.best_fitness,
@@ -149,6 +161,8 @@ class GeneticSearch:
             "seconds": time.perf_counter() - started,
             "best_pattern": new.best,
             "phase": "polish" if polishing else "ga",
+            "tokens": new.tokens,
+            "raced_out": sum(1 for p in fresh if self._partial(str(p), stage_sums)),
         }
         new.history.append(entry)
         self._log(entry, new, polishing)
@@ -166,14 +180,26 @@ class GeneticSearch:
         return self._next_patterns(rng, [Pattern.parse(p) for p in state.population], memo)
 
     def _survivors(
-        self, state: SearchState, pool: list[Pattern], memo: dict[str, float], polishing: bool
+        self,
+        state: SearchState,
+        pool: list[Pattern],
+        memo: dict[str, float],
+        polishing: bool,
+        stage_sums: dict[str, list[float]],
     ) -> list[str]:
         """The next population, best first: of the pool alone, or of pool + parents ((mu + lambda):
-        ``survivors: plus``, and always in polish rounds)."""
+        ``survivors: plus``, and always in polish rounds). Raced-out patterns rank after every
+        fully scored one (their fitness is on fewer blocks: not comparable)."""
         survivors = {str(p) for p in pool}
         if state.generation >= 0 and (polishing or self.settings.survivors == "plus"):
             survivors |= set(state.population)
-        return sorted(survivors, key=lambda s: (memo[s], s))[: self.settings.population]
+        key = lambda s: (self._partial(s, stage_sums), memo[s], s)  # noqa: E731
+        return sorted(survivors, key=key)[: self.settings.population]
+
+    def _partial(self, key: str, stage_sums: dict[str, list[float]]) -> bool:
+        """Whether ``key`` was raced out (scored on fewer stages than all)."""
+        sums = stage_sums.get(key)
+        return sums is not None and self.staged is not None and len(sums) < len(self.staged.stage_tokens)
 
     def _advance(
         self, state: SearchState, ranked: list[str], memo: dict[str, float], polishing: bool

@@ -75,6 +75,11 @@ class SearchState:
         ga_stop_reason: Why the GA phase ended (``"generations"``/``"patience"``) once the polish
             phase has begun; ``None`` before.
         polish_rounds: Polish rounds done.
+        stage_sums: With racing: each pattern's summed loss per stage (calibration batch), all
+            stages for a fully scored pattern, fewer for one stopped early (raced out). Its memo
+            value is then the fitness on the stages it was scored on, and it ranks after every
+            fully scored pattern.
+        tokens: Tokens forwarded so far (None when the fitness does not report them).
     """
 
     num_layers: int
@@ -92,6 +97,8 @@ class SearchState:
     stop_reason: str | None = None
     ga_stop_reason: str | None = None
     polish_rounds: int = 0
+    stage_sums: dict[str, list[float]] = field(default_factory=dict)
+    tokens: int | None = None
 
     @property
     def evaluations(self) -> int:
@@ -129,6 +136,8 @@ class SearchState:
             "stop_reason": self.stop_reason,
             "ga_stop_reason": self.ga_stop_reason,
             "polish_rounds": self.polish_rounds,
+            "stage_sums": {key: [_encode_float(v) for v in sums] for key, sums in self.stage_sums.items()},
+            "tokens": self.tokens,
         }
         return json.dumps(payload, allow_nan=False)
 
@@ -166,4 +175,8 @@ class SearchState:
             stop_reason=data["stop_reason"],
             ga_stop_reason=data.get("ga_stop_reason"),
             polish_rounds=int(data.get("polish_rounds", 0)),
+            stage_sums={
+                key: [_decode_float(v) for v in sums] for key, sums in data.get("stage_sums", {}).items()
+            },
+            tokens=data.get("tokens"),
         )

@@ -18,6 +18,7 @@ from evop.errors import BadInputError
 from evop.method.patterns import Pattern
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 
@@ -94,6 +95,11 @@ def layer_access(model: "nn.Module") -> LayerAccess:
             f"decoder layers are for {', '.join(sorted(FAMILIES))}"
         )
     return access
+
+
+def device_of(model: "nn.Module") -> "torch.device":
+    """The device of the model's (first) parameters: where its inputs must go."""
+    return next(model.parameters()).device
 
 
 def num_layers(model: "nn.Module") -> int:

@@ -67,7 +67,8 @@ def build_result(
         raise RuntimeError("the search finished without a best pattern")
     history = [
         {k: h[k] for k in ("generation", "best_fitness", "mean_fitness", "evaluations", "seconds")}
-        | {"best_pattern": h.get("best_pattern"), "phase": h.get("phase", "ga")}
+        | {k: h.get(k) for k in ("best_pattern", "tokens", "raced_out")}
+        | {"phase": h.get("phase", "ga")}
         for h in state.history
     ]
     return _result(
@@ -79,6 +80,7 @@ def build_result(
         calibration,
         wall_time_s,
         evaluations=state.evaluations,
+        tokens_forwarded=state.tokens,
         generations=state.generation,
         stop_reason=state.stop_reason,
         history=history,
@@ -111,6 +113,7 @@ def build_outcome_result(
         calibration,
         outcome.seconds,
         evaluations=outcome.evaluations,
+        tokens_forwarded=None,  # counted for EvoP's GA only so far
         cheap_evaluations=outcome.cheap_evaluations,
         generations=len(outcome.history),
         stop_reason="finished",

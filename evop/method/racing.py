@@ -1,0 +1,118 @@
+"""Racing: score a candidate one stage (calibration batch) at a time and stop when it is clearly out.
+
+Most candidates of a layer-pruning search are hopeless: they remove a layer the model cannot do
+without, and their perplexity is many times the best's after the first few blocks already. Racing
+stops such a candidate as soon as its fitness on the stages scored so far is above
+``racing_ratio`` x the best pattern's fitness on the *same* stages (a paired comparison, so the
+blocks' own difficulty cancels out), after at least ``racing_min_stages`` stages. A stopped
+(raced-out) candidate keeps its per-stage losses and its partial fitness, and ranks after every
+fully scored pattern; the best pattern is always scored on all blocks.
+
+Cost is counted in tokens forwarded (:attr:`SearchState.tokens <evop.method.state.SearchState>`),
+not only in evaluations. This module needs neither torch nor Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Protocol
+
+from evop.method.patterns import Pattern
+from evop.method.scoring import FitnessFn, finite_score
+
+if TYPE_CHECKING:
+    from evop.config import SearchConfig
+
+logger = logging.getLogger(__name__)
+
+
+class StagedFitness(Protocol):
+    """A fitness that can be scored stage by stage (:class:`~evop.method.fitness.PatternScorer`)."""
+
+    @property
+    def stage_tokens(self) -> list[int]: ...  # tokens forwarded to score each stage
+
+    def stage_sums(self, pattern: Pattern, start: int = 0, stop: int | None = None) -> list[float]: ...
+
+    def fitness_of(self, sums: list[float]) -> float: ...  # fitness on the first len(sums) stages
+
+
+def race(
+    staged: StagedFitness,
+    pattern: Pattern,
+    reference: list[float] | None,
+    ratio: float,
+    min_stages: int = 1,
+) -> list[float]:
+    """Score ``pattern`` stage by stage until it is clearly out, or on every stage.
+
+    Args:
+        staged: The staged fitness.
+        pattern: The candidate.
+        reference: Per-stage summed losses of the best pattern so far (all stages); None: score
+            the candidate on every stage.
+        ratio: Out when its fitness on the stages so far exceeds ``ratio`` x the reference's there.
+        min_stages: Stages always scored before the candidate can be stopped.
+
+    Returns:
+        The candidate's summed loss of each stage scored (all of them unless it was raced out).
+    """
+    stages = len(staged.stage_tokens)
+    sums: list[float] = []
+    for stage in range(stages):
+        sums += staged.stage_sums(pattern, stage, stage + 1)
+        done = len(sums)
+        if reference is None or done < min_stages or done == stages:
+            continue
+        mine, best = staged.fitness_of(sums), staged.fitness_of(reference[:done])
+        if not math.isfinite(mine) or mine > ratio * best:
+            break
+    return sums
+
+
+def score_candidates(
+    fresh: list[Pattern],
+    memo: dict[str, float],
+    stage_sums: dict[str, list[float]],
+    best: str | None,
+    fitness: FitnessFn,
+    staged: StagedFitness | None,
+    settings: "SearchConfig",
+) -> int | None:
+    """Score a step's never-seen patterns into ``memo``: in full, or (``settings.racing_ratio``)
+    raced against the best fully scored pattern so far, this step's included.
+
+    Args:
+        fresh: The patterns to score, in order.
+        memo: Pattern -> fitness; updated (a raced-out pattern gets its partial fitness).
+        stage_sums: Pattern -> per-stage summed losses; updated when racing.
+        best: The best pattern before this step (None: none yet).
+        fitness: Scores one pattern in full.
+        staged: The same fitness stage by stage (None: tokens are not reported).
+        settings: ``racing_ratio`` and ``racing_min_stages``.
+
+    Returns:
+        Tokens forwarded (None when the fitness does not report them).
+    """
+    ratio = settings.racing_ratio
+    if staged is None or ratio is None:
+        for pattern in fresh:
+            memo[str(pattern)] = finite_score(fitness, pattern)
+        return None if staged is None else len(fresh) * sum(staged.stage_tokens)
+    tokens = 0
+    reference = stage_sums.get(best) if best is not None else None
+    reference_fitness = memo[best] if reference is not None else math.inf
+    for pattern in fresh:
+        key = str(pattern)
+        try:
+            sums = race(staged, pattern, reference, ratio, settings.racing_min_stages)
+        except ArithmeticError as err:  # diverged: ranked last, as finite_score would
+            logger.warning("pattern %s diverged (%s); ranked last", pattern, err)
+            sums = [math.inf]
+        stage_sums[key] = sums
+        memo[key] = finite_score(lambda _, sums=sums: staged.fitness_of(sums), pattern)
+        tokens += sum(staged.stage_tokens[: len(sums)])
+        if len(sums) == len(staged.stage_tokens) and memo[key] < reference_fitness:
+            reference, reference_fitness = sums, memo[key]
+    return tokens

@@ -1,0 +1,139 @@
+"""Racing: candidates scored stage by stage and stopped when clearly out, on objectives whose
+per-stage losses are known, and on a tiny model (staged scores equal full scores exactly)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from evop.config import SearchConfig
+from evop.method.genetic import GeneticSearch
+from evop.method.patterns import Pattern
+from evop.method.racing import race
+from evop.method.state import SearchState
+
+
+class StagedObjective:
+    """A known staged objective: each of ``stages`` stages has ``positions`` positions; a pattern's
+    mean loss on a stage is its base loss (per-layer costs, a few layers critical) plus a small
+    per-(pattern, stage) wobble. Fitness = exp(mean loss), like perplexity."""
+
+    def __init__(self, num_layers: int = 16, stages: int = 8, positions: int = 10, seed: int = 0):
+        rng = random.Random(seed)
+        self.cost = [rng.uniform(0.0, 0.3) for _ in range(num_layers)]
+        for critical in rng.sample(range(1, num_layers - 1), 4):
+            self.cost[critical] = 3.0  # removing it makes the model hopeless
+        self.stages, self.positions = stages, positions
+        self.stage_tokens = [positions + 1] * stages
+        self.calls: list[tuple[str, int]] = []
+
+    def stage_loss(self, pattern: Pattern, stage: int) -> float:
+        wobble = random.Random(f"{pattern}/{stage}").uniform(-0.05, 0.05)
+        return 2.0 + sum(self.cost[i] for i in pattern.removed) + wobble
+
+    def stage_sums(self, pattern: Pattern, start: int = 0, stop: int | None = None) -> list[float]:
+        stop = self.stages if stop is None else stop
+        self.calls += [(str(pattern), s) for s in range(start, stop)]
+        return [self.stage_loss(pattern, s) * self.positions for s in range(start, stop)]
+
+    def fitness_of(self, sums: list[float]) -> float:
+        return math.exp(sum(sums) / (self.positions * len(sums)))
+
+    def __call__(self, pattern: Pattern) -> float:
+        return self.fitness_of(self.stage_sums(pattern))
+
+
+def settings(**overrides) -> SearchConfig:
+    values = dict(num_remove=1, population=10, generations=8, patience=8, seed=1, polish_rounds=3)
+    values.update(overrides)
+    return SearchConfig(**values)
+
+
+def test_race_stops_a_hopeless_candidate_after_the_minimum_stages():
+    objective = StagedObjective()
+    good = Pattern.of(16, [i for i in range(1, 15) if objective.cost[i] < 1][:3])
+    bad = Pattern.of(16, [i for i in range(1, 15) if objective.cost[i] == 3.0][:1] + list(good.removed[:2]))
+    reference = objective.stage_sums(good)
+    assert len(race(objective, bad, reference, ratio=1.5, min_stages=1)) == 1
+    assert len(race(objective, bad, reference, ratio=1.5, min_stages=3)) == 3
+    assert len(race(objective, good, reference, ratio=1.5)) == 8  # a contender runs to the end
+    assert len(race(objective, bad, None, ratio=1.5)) == 8  # no reference yet: scored in full
+
+
+def test_racing_finds_the_same_best_with_fewer_tokens_and_never_stops_a_better_pattern():
+    plain_fitness, racing_fitness = StagedObjective(seed=3), StagedObjective(seed=3)
+    plain = GeneticSearch(16, 3, settings(), plain_fitness, staged=plain_fitness).run()
+    raced = GeneticSearch(16, 3, settings(racing_ratio=1.5), racing_fitness, staged=racing_fitness).run()
+    assert raced.best == plain.best and raced.best_fitness == plain.best_fitness
+    assert plain.tokens == plain.evaluations * 8 * 11
+    assert raced.tokens < 0.75 * plain.tokens
+    assert raced.tokens == 11 * len(racing_fitness.calls)  # every stage forwarded is counted
+    stopped = [key for key, sums in raced.stage_sums.items() if len(sums) < 8]
+    assert stopped, "nothing was raced out"
+    for key in stopped:  # clearly out: its full fitness is far above the best found
+        assert racing_fitness(Pattern.parse(key)) > raced.best_fitness * 1.2
+    assert all(len(raced.stage_sums[p]) == 8 for p in raced.population if p == raced.best)
+    assert sum(h["raced_out"] for h in raced.history) == len(stopped)
+    assert raced.history[-1]["tokens"] == raced.tokens
+
+
+def test_raced_out_patterns_rank_after_fully_scored_ones_and_resume_is_identical():
+    objective = StagedObjective(seed=5)
+    search = GeneticSearch(16, 3, settings(racing_ratio=1.3), objective, staged=objective)
+    state = search.step(search.step(search.initial_state()))
+    full = [p for p in state.population if len(state.stage_sums[p]) == 8]
+    assert state.population[: len(full)] == full  # fully scored first, then the raced-out ones
+    resumed = SearchState.from_json(state.to_json())
+    assert resumed.stage_sums == state.stage_sums and resumed.tokens == state.tokens
+    uninterrupted = search.run(state)
+    again = search.run(resumed)
+    assert again.to_json().replace('"seconds"', "") == uninterrupted.to_json().replace('"seconds"', "") or (
+        [h["best_pattern"] for h in again.history] == [h["best_pattern"] for h in uninterrupted.history]
+        and again.best == uninterrupted.best
+        and again.tokens == uninterrupted.tokens
+    )
+
+
+def test_racing_needs_a_staged_fitness():
+    from evop.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="stage by stage"):
+        GeneticSearch(16, 3, settings(racing_ratio=1.5), StagedObjective())
+
+
+def test_the_scorer_staged_equals_full_scoring_exactly():
+    """PatternScorer stage by stage sums to exactly its full score, with the prefix cache too."""
+    from evop.method.fitness import PatternScorer
+    from tests.tiny_models import random_blocks, tiny_model
+
+    model = tiny_model("llama")
+    blocks = random_blocks(6, 16)
+    for cache in (0, 64):
+        scorer = PatternScorer(model, blocks, batch_size=2, prefix_cache_mb=cache)
+        for removed in ([2, 4], [1], [3, 4]):
+            pattern = Pattern.of(6, removed)
+            staged = [v for s in range(3) for v in scorer.stage_sums(pattern, s, s + 1)]
+            assert scorer.fitness_of(staged) == scorer(pattern)
+        assert scorer.stage_tokens == [32, 32, 32] and scorer.tokens > 0
+
+
+def test_racing_in_the_pipeline_counts_tokens_into_the_result(tiny_dir, text_file, tmp_path):
+    from evop.config import build_config
+    from evop.pipeline.local import run_search
+
+    base = {
+        "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
+        "calibration": {"dataset": str(text_file), "pool_size": 48, "block_len": 32, "n_samples": 8,
+                        "embedder": "model", "n_clusters": 4},
+        "fitness": {"batch_size": 2},
+        "output_dir": str(tmp_path / "plain"),
+    }
+    search = {"num_remove": 3, "population": 8, "generations": 3, "patience": 10}
+    plain = run_search(build_config({**base, "search": search}))
+    raced = run_search(build_config({**base, "search": {**search, "racing_ratio": 1.05},
+                                     "output_dir": str(tmp_path / "raced")}))
+    assert plain["tokens_forwarded"] == plain["evaluations"] * 8 * 32
+    assert raced["tokens_forwarded"] <= plain["tokens_forwarded"]
+    assert raced["history"][-1]["tokens"] == raced["tokens_forwarded"]
