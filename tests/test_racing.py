@@ -137,3 +137,23 @@ def test_racing_in_the_pipeline_counts_tokens_into_the_result(tiny_dir, text_fil
     assert plain["tokens_forwarded"] == plain["evaluations"] * 8 * 32
     assert raced["tokens_forwarded"] <= plain["tokens_forwarded"]
     assert raced["history"][-1]["tokens"] == raced["tokens_forwarded"]
+
+
+def test_the_racing_benchmark_prints_the_side_by_side_table(tiny_dir, text_file, tmp_path, capsys):
+    import json
+
+    from benchmarks.racing import main
+
+    config = {
+        "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
+        "calibration": {"dataset": str(text_file), "pool_size": 48, "block_len": 32, "n_samples": 8,
+                        "embedder": "model", "n_clusters": 4},
+        "search": {"num_remove": 3, "population": 6, "generations": 2, "patience": 10, "polish_rounds": 1},
+        "fitness": {"batch_size": 2},
+        "evaluation": {"heldout": [str(text_file)], "block_len": 32, "max_blocks": 2},
+    }
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    assert main(["--config", str(tmp_path / "c.yaml"), "--ratios", "1.05", "--out", str(tmp_path / "o")]) == 0
+    table = capsys.readouterr().out
+    assert "| full |" in table and "| racing-1.05 |" in table and "fewer" in table
+    assert (tmp_path / "o" / "racing.md").is_file()
