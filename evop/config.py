@@ -144,6 +144,16 @@ class SearchConfig(_Section):
     racing_min_stages: int = Field(
         1, ge=1, description="Racing: batches a candidate is always scored on before it can be stopped."
     )
+    validation_blocks: int = Field(
+        0,
+        ge=0,
+        description="Choose the final pattern on data the search did not fit: this many pool blocks "
+        "outside the calibration set score the `validation_candidates` best patterns, and the lowest "
+        "validation loss wins. 0: off (the best calibration fitness wins).",
+    )
+    validation_candidates: int = Field(
+        5, ge=1, description="Best patterns that compete on the validation blocks."
+    )
     survivors: Literal["generational", "plus"] = Field(
         "generational",
         description="'generational': the elites and the children replace the population (keeps "
@@ -307,6 +317,8 @@ HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("fitness", "aggregate"): "mean",
     ("search", "racing_ratio"): None,
     ("search", "racing_min_stages"): 1,
+    ("search", "validation_blocks"): 0,
+    ("search", "validation_candidates"): 5,
 }
 """(section, field) -> default: fields that did not exist when earlier searches were checkpointed."""
 
@@ -337,6 +349,11 @@ class EvoPConfig(_Section):
 
     @model_validator(mode="after")
     def _clusters_need_ccds(self) -> "EvoPConfig":
+        if self.search.validation_blocks + self.calibration.n_samples > self.calibration.pool_size:
+            raise ValueError(
+                f"search.validation_blocks ({self.search.validation_blocks}) + calibration.n_samples "
+                f"({self.calibration.n_samples}) exceed calibration.pool_size ({self.calibration.pool_size})"
+            )
         if self.search.racing_ratio is not None and self.fitness.aggregate != "mean":
             raise ValueError("search.racing_ratio needs fitness.aggregate: mean (racing compares means)")
         if self.fitness.aggregate != "mean" and self.calibration.method != "ccds":

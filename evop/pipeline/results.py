@@ -61,10 +61,15 @@ def build_result(
     dense_fitness: float,
     calibration: dict[str, Any],
     wall_time_s: float,
+    final: Pattern | None = None,
 ) -> dict[str, Any]:
-    """The ``result.json`` contract read by ``evop prune`` and the pipeline (EvoP's GA)."""
+    """The ``result.json`` contract read by ``evop prune`` and the pipeline (EvoP's GA).
+
+    ``final``: the pattern chosen on validation blocks (default: the search's best).
+    """
     if state.best is None:
         raise RuntimeError("the search finished without a best pattern")
+    final = final or Pattern.parse(state.best)
     history = [
         {k: h[k] for k in ("generation", "best_fitness", "mean_fitness", "evaluations", "seconds")}
         | {k: h.get(k) for k in ("best_pattern", "tokens", "raced_out")}
@@ -74,8 +79,8 @@ def build_result(
     return _result(
         cfg,
         "evop",
-        Pattern.parse(state.best),
-        state.best_fitness,
+        final,
+        state.memo[str(final)],
         dense_fitness,
         calibration,
         wall_time_s,

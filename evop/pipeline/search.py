@@ -32,6 +32,8 @@ from evop.pipeline.store import (
 
 if TYPE_CHECKING:
     from evop.method.genetic import GeneticSearch
+    from evop.method.patterns import Pattern
+    from evop.method.state import SearchState
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +253,26 @@ def run_baseline(cfg: EvoPConfig) -> dict[str, Any]:
     return data
 
 
+def _validate(run: RunStore, state: "SearchState") -> tuple["Pattern | None", dict[str, Any] | None]:
+    """The final pattern chosen on validation blocks (``search.validation_blocks``), and the
+    record of the choice; ``(None, None)`` when validation is off."""
+    from evop.method.fitness import PatternScorer
+    from evop.method.selection import finalists, select_by_validation, validation_indices
+
+    s, c = run.cfg.search, run.cfg.calibration
+    if not s.validation_blocks:
+        return None, None
+    pool = _require_tensor(run, POOL)
+    idx = validation_indices(pool.shape[0], run.get_json(SAMPLE)["pool_indices"], s.validation_blocks, c.seed)
+    model, _ = cached_model(run.cfg)
+    f = run.cfg.fitness  # validation blocks have no clusters: their loss is the plain mean
+    scorer = PatternScorer(model, pool[idx], f.metric, f.batch_size, None, f.kl_top_k, f.prefix_cache_mb)
+    chosen, table = select_by_validation(finalists(state, s.validation_candidates), state.memo, scorer)
+    log.info("validation on %d held-back pool blocks chose %s (search best %s)", len(idx), chosen, state.best)
+    record = {"blocks": len(idx), "pool_indices": idx, "search_best": state.best, "finalists": table}
+    return chosen, {**record, "chosen": str(chosen)}
+
+
 def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
     """Build ``result.json`` from the final checkpoint; write it to the store and ``output_dir``
     (with ``calibration.safetensors`` beside it for later perplexity checks)."""
@@ -278,7 +300,10 @@ def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
         dense = cached_scorer(run).dense()
         seeding = run.get_json(INITIAL_PATTERNS) or {"patterns": [], "evaluations": 0, "seconds": 0.0}
         wall = sum(h["seconds"] for h in state.history) + seeding["seconds"]
-        result = build_result(cfg, state, dense, run.get_json(SAMPLE)["summary"], wall)
+        final, validation = _validate(run, state)
+        result = build_result(cfg, state, dense, run.get_json(SAMPLE)["summary"], wall, final)
+        if validation is not None:
+            result["validation"] = validation
         result["evaluations"] += seeding["evaluations"]
         result["initial_patterns"] = seeding["patterns"]
         result["checkpoints"] = run.url()
