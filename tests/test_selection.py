@@ -22,9 +22,9 @@ def test_validation_blocks_are_outside_the_calibration_set_and_reproducible():
 def test_finalists_are_the_best_fully_scored_patterns():
     memo = {"1,2/6": 3.0, "1,3/6": 1.0, "2,3/6": 2.0, "3,4/6": 0.5}
     state = SearchState(num_layers=6, k=2, candidates=[1, 2, 3, 4], memo=memo)
-    assert [str(p) for p in finalists(state, 2)] == ["3,4/6", "1,3/6"]
+    assert [str(p) for p in finalists(state, 2, stages=2)] == ["3,4/6", "1,3/6"]
     state.stage_sums = {k: [1.0, 1.0] for k in memo} | {"3,4/6": [9.0]}  # 3,4 was raced out
-    assert [str(p) for p in finalists(state, 2)] == ["1,3/6", "2,3/6"]
+    assert [str(p) for p in finalists(state, 2, stages=2)] == ["1,3/6", "2,3/6"]
 
 
 def test_the_lowest_validation_loss_wins_and_ties_go_to_calibration():

@@ -37,7 +37,7 @@ from evop.config import SearchConfig
 from evop.errors import BadInputError
 from evop.method.operators import crossover, sample_patterns, swap_mutation
 from evop.method.patterns import Pattern, removable_layers
-from evop.method.racing import StagedFitness, score_candidates
+from evop.method.racing import StagedFitness, raced_out, score_candidates
 from evop.method.scoring import FitnessFn
 from evop.method.state import SearchState, rng_state_from_json, rng_state_to_json
 
@@ -198,8 +198,7 @@ class GeneticSearch:
 
     def _partial(self, key: str, stage_sums: dict[str, list[float]]) -> bool:
         """Whether ``key`` was raced out (scored on fewer stages than all)."""
-        sums = stage_sums.get(key)
-        return sums is not None and self.staged is not None and len(sums) < len(self.staged.stage_tokens)
+        return self.staged is not None and raced_out(stage_sums.get(key), len(self.staged.stage_tokens))
 
     def _advance(
         self, state: SearchState, ranked: list[str], memo: dict[str, float], polishing: bool

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from evop.method.patterns import Pattern
@@ -36,6 +37,12 @@ class StagedFitness(Protocol):
     def stage_sums(self, pattern: Pattern, start: int = 0, stop: int | None = None) -> list[float]: ...
 
     def fitness_of(self, sums: list[float]) -> float: ...  # fitness on the first len(sums) stages
+
+
+def raced_out(sums: Sequence[float] | None, stages: int) -> bool:
+    """Whether a pattern with these per-stage sums was stopped early: scored on fewer than all
+    ``stages`` (None: scored without racing, so in full)."""
+    return sums is not None and len(sums) < stages
 
 
 def race(
@@ -113,6 +120,6 @@ def score_candidates(
         stage_sums[key] = sums
         memo[key] = finite_score(lambda _, sums=sums: staged.fitness_of(sums), pattern)
         tokens += sum(staged.stage_tokens[: len(sums)])
-        if len(sums) == len(staged.stage_tokens) and memo[key] < reference_fitness:
+        if not raced_out(sums, len(staged.stage_tokens)) and memo[key] < reference_fitness:
             reference, reference_fitness = sums, memo[key]
     return tokens

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from evop.method.patterns import Pattern
+from evop.method.racing import raced_out
 from evop.method.scoring import FitnessFn, finite_score
 from evop.method.state import SearchState
 from evop.records import finite_or_none
@@ -31,12 +32,10 @@ def validation_indices(pool_size: int, calibration: Sequence[int], count: int, s
     return sorted(random.Random(seed).sample(left, count))
 
 
-def finalists(state: SearchState, count: int) -> list[Pattern]:
-    """The ``count`` best fully scored patterns of a search (raced-out ones excluded), best first."""
-    full = len(max(state.stage_sums.values(), key=len)) if state.stage_sums else None
-    scored = [
-        key for key in state.memo if full is None or len(state.stage_sums.get(key, ())) in (0, full)
-    ]
+def finalists(state: SearchState, count: int, stages: int) -> list[Pattern]:
+    """The ``count`` best fully scored patterns of a search (raced-out ones excluded: scored on
+    fewer than its ``stages``), best first."""
+    scored = [key for key in state.memo if not raced_out(state.stage_sums.get(key), stages)]
     return [Pattern.parse(k) for k in sorted(scored, key=lambda k: (state.memo[k], k))[:count]]
 
 

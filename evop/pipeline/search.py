@@ -265,9 +265,11 @@ def _validate(run: RunStore, state: "SearchState") -> tuple["Pattern | None", di
     pool = _require_tensor(run, POOL)
     idx = validation_indices(pool.shape[0], run.get_json(SAMPLE)["pool_indices"], s.validation_blocks, c.seed)
     model, _ = cached_model(run.cfg)
-    f = run.cfg.fitness  # validation blocks have no clusters: their loss is the plain mean
-    scorer = PatternScorer(model, pool[idx], f.metric, f.batch_size, None, f.kl_top_k, f.prefix_cache_mb)
-    chosen, table = select_by_validation(finalists(state, s.validation_candidates), state.memo, scorer)
+    # All validation blocks count, and they have no clusters: their loss is the plain mean.
+    fitness = run.cfg.fitness.model_copy(update={"aggregate": "mean", "token_budget": None})
+    scorer = PatternScorer.from_config(model, pool[idx], fitness)
+    candidates = finalists(state, s.validation_candidates, stages=len(cached_scorer(run).stage_tokens))
+    chosen, table = select_by_validation(candidates, state.memo, scorer)
     log.info("validation on %d held-back pool blocks chose %s (search best %s)", len(idx), chosen, state.best)
     record = {"blocks": len(idx), "pool_indices": idx, "search_best": state.best, "finalists": table}
     return chosen, {**record, "chosen": str(chosen)}
