@@ -139,10 +139,18 @@ class SearchConfig(_Section):
         description="Racing: score a candidate one calibration batch (stage) at a time and stop as "
         "soon as its fitness on the batches scored so far is above racing_ratio x the best pattern's "
         "on the same batches; it then ranks after every fully scored pattern. None: off (every "
-        "candidate is scored on all blocks). Needs fitness.aggregate: mean.",
+        "candidate is scored on all blocks).",
     )
     racing_min_stages: int = Field(
         1, ge=1, description="Racing: batches a candidate is always scored on before it can be stopped."
+    )
+    racing_confidence: float | None = Field(
+        None,
+        gt=0.5,
+        lt=1,
+        description="Racing: also stop a candidate once a paired one-sided t-test over the batches "
+        "scored so far says, at this confidence, that its mean loss is above the best pattern's on "
+        "the same batches (catches near misses the ratio lets through; at least 2 batches). None: off.",
     )
     validation_blocks: int = Field(
         0,
@@ -203,6 +211,11 @@ class SearchConfig(_Section):
         le=1,
         description="Share of the calibration blocks 'evopress' scores all children on.",
     )
+
+    @property
+    def racing(self) -> bool:
+        """Whether candidates are raced (scored stage by stage and stopped when clearly out)."""
+        return self.racing_ratio is not None or self.racing_confidence is not None
 
     @model_validator(mode="after")
     def _one_size(self) -> "SearchConfig":
@@ -317,6 +330,7 @@ HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("fitness", "aggregate"): "mean",
     ("search", "racing_ratio"): None,
     ("search", "racing_min_stages"): 1,
+    ("search", "racing_confidence"): None,
     ("search", "validation_blocks"): 0,
     ("search", "validation_candidates"): 5,
 }
@@ -354,8 +368,6 @@ class EvoPConfig(_Section):
                 f"search.validation_blocks ({self.search.validation_blocks}) + calibration.n_samples "
                 f"({self.calibration.n_samples}) exceed calibration.pool_size ({self.calibration.pool_size})"
             )
-        if self.search.racing_ratio is not None and self.fitness.aggregate != "mean":
-            raise ValueError("search.racing_ratio needs fitness.aggregate: mean (racing compares means)")
         if self.fitness.aggregate != "mean" and self.calibration.method != "ccds":
             raise ValueError(
                 f"fitness.aggregate={self.fitness.aggregate} needs CCDS clusters (calibration.method: ccds)"

@@ -37,7 +37,7 @@ from evop.baselines.sampling import exhaustive, random_search
 from evop.config import SearchConfig
 from evop.method.epps import run_epps
 from evop.method.outcome import Outcome
-from evop.method.scoring import FitnessFn
+from evop.method.scoring import CountingFitness, FitnessFn, StagedCounting, counting
 
 METHODS = ("evop", "sleb", "shortgpt", "ppl-oneshot", "evopress", "random", "exhaustive")
 """Every search method ``search.method`` accepts."""
@@ -65,7 +65,39 @@ def run_method(
         cheap_fitness: Reduced-budget fitness for ``evopress`` (``fitness`` when None).
         influence: Computes the Block Influence of every layer, for ``shortgpt``.
         budget: Evaluations of ``random`` (default ``settings.budget``, else :func:`default_budget`).
+
+    A fitness scored stage by stage (a PatternScorer, or a :class:`StagedCounting` view of a shared
+    memo) is counted in tokens forwarded too (:attr:`Outcome.tokens`), and EvoP can race with it.
     """
+    full = fitness if isinstance(fitness, CountingFitness) else counting(fitness)
+    cheap = None
+    if cheap_fitness is not None:
+        cheap = cheap_fitness if isinstance(cheap_fitness, CountingFitness) else counting(cheap_fitness)
+    influence_tokens = [0]
+    measure = influence
+    if measure is not None and isinstance(full, StagedCounting):
+
+        def influence() -> Sequence[float]:  # one dense forward over the calibration blocks
+            influence_tokens[0] = sum(full.stage_tokens)
+            return measure()
+
+    outcome = _run(settings, num_layers, k, full, cheap, influence, budget)
+    if isinstance(full, StagedCounting):
+        # Tokens the method alone would have forwarded (shared memo hits included).
+        cheap_tokens = cheap.tokens if isinstance(cheap, StagedCounting) else 0
+        outcome.tokens = full.tokens + cheap_tokens + influence_tokens[0]
+    return outcome
+
+
+def _run(
+    settings: SearchConfig,
+    num_layers: int,
+    k: int,
+    fitness: CountingFitness,
+    cheap_fitness: CountingFitness | None,
+    influence: Callable[[], Sequence[float]] | None,
+    budget: int | None,
+) -> Outcome:
     method = settings.method
     protected = settings.protected_layers
     if method == "evop":

@@ -197,6 +197,67 @@ def test_counting_fitness_shares_scores_and_charges_each_method_its_own_time():
     assert first.seconds == second.seconds == memo[str(p)][1]
 
 
+class StagedSeparable:
+    """``separable`` scored in 4 stages of 10 positions (5 tokens forwarded each): the stage sums
+    add up to 40 x the fitness, so ``fitness_of`` of all stages is the fitness itself."""
+
+    stage_tokens = [5, 5, 5, 5]
+    stage_positions = [10, 10, 10, 10]
+
+    def __init__(self):
+        self.calls: list[tuple[str, int]] = []
+
+    def stage_sums(self, pattern: Pattern, start: int = 0, stop: int | None = None) -> list[float]:
+        stop = 4 if stop is None else stop
+        self.calls += [(str(pattern), s) for s in range(start, stop)]
+        return [10 * separable(pattern) for _ in range(start, stop)]
+
+    def fitness_of(self, sums: list[float]) -> float:
+        return sum(sums) / (10 * len(sums))
+
+    def __call__(self, pattern: Pattern) -> float:
+        return self.fitness_of(self.stage_sums(pattern))
+
+
+def test_staged_counting_finishes_a_raced_out_pattern_later_and_charges_each_method_its_tokens():
+    from evop.method.scoring import StagedCounting, counting
+
+    memo: dict = {}
+    stages: dict = {}
+    base = StagedSeparable()
+    racer, other = counting(base, memo, stages), counting(base, memo, stages)
+    assert isinstance(racer, StagedCounting) and not isinstance(counting(separable), StagedCounting)
+    p = Pattern.of(10, [1, 2])
+    assert racer.stage_sums(p, 0, 1) == [10 * separable(p)]  # raced: one stage, then stopped
+    assert racer.tokens == 5 and racer.evaluations == 1 and str(p) not in memo
+    assert other(p) == separable(p)  # finished from stage 1: stage 0 is not scored again
+    assert base.calls == [(str(p), s) for s in range(4)]
+    assert other.tokens == 20  # its own cost: the whole pattern, memo hits included
+    assert racer(p) == separable(p) and racer.tokens == 20  # pays the other 3 stages once
+    assert racer(p) == separable(p) and racer.tokens == 20 and len(base.calls) == 4
+    assert racer.seconds == other.seconds == pytest.approx(math.fsum(stages[str(p)][1]))
+    old = {str(Pattern.of(10, [3, 4])): (7.0, 2.0)}  # a full score memoised before stages were kept
+    late = counting(base, old, {})
+    assert late(Pattern.of(10, [3, 4])) == 7.0 and late.tokens == 20 and late.seconds == 2.0
+
+
+def test_run_method_reports_tokens_forwarded_for_a_staged_fitness():
+    for method in ("sleb", "evop", "ppl-oneshot"):
+        settings = SearchConfig(
+            method=method,
+            num_remove=2,
+            protected_layers=[],
+            population=6,
+            generations=3,
+            initial_patterns=[],
+            mutation_prior="none",
+        )
+        outcome = run_method(settings, 10, 2, StagedSeparable())
+        assert outcome.tokens is not None and outcome.tokens > 0
+        assert outcome.tokens <= outcome.evaluations * 20
+        assert run_method(settings, 10, 2, separable).tokens is None  # not counted: unknown
+
+
 def test_evaluations_to_best_reads_when_the_chosen_pattern_was_first_the_best():
     p, q = Pattern.of(10, [1, 2]), Pattern.of(10, [3, 4])
     steps = [(q, 3.0, 10), (p, 1.0, 30), (p, 1.0, 50)]
@@ -230,6 +291,11 @@ def test_score_memo_persists_throttled_and_survives_divergence():
     eager = ScoreMemo(writes.append, every=0)
     eager.fitness(separable)(p)
     assert len(writes) == 2  # due at once: written with the first new score
+    staged = ScoreMemo(writes.append, every=3600)
+    staged.fitness(StagedSeparable()).stage_sums(q, 0, 2)  # raced out after two stages
+    staged.flush()
+    resumed = ScoreMemo(writes.append, json.loads(json.dumps(writes[-1])))
+    assert resumed.stages[str(q)][0] == staged.stages[str(q)][0] and len(resumed) == 1
 
 
 def test_run_method_dispatches_every_method():

@@ -99,8 +99,16 @@ def test_cluster_aggregates_need_ccds_and_keep_earlier_hashes():
 
     with pytest.raises(ConfigError, match="needs CCDS clusters"):
         build_config({"fitness": {"aggregate": "worst-cluster"}, "calibration": {"method": "random"}})
+    # Checkpoints (evop-<hash>/) of the demo's earlier settings, from before fitness.aggregate,
+    # racing and validation existed, must stay valid.
+    before = [
+        "calibration.dataset=evop-assets:wikipedia",
+        "calibration.n_samples=8",
+        "fitness.batch_size=8",
+        "search.racing_ratio=null",
+        "search.racing_confidence=null",
+    ]
+    assert load_config("configs/demo.yaml", before).search_hash() == "a8616f47171958e3"
     demo = load_config("configs/demo.yaml")
-    # The demo's checkpoints (evop-<hash>/) from before fitness.aggregate existed must stay valid.
-    assert demo.search_hash() == "a8616f47171958e3"
     clusters = load_config("configs/demo.yaml", ["fitness.aggregate=clusters"])
     assert clusters.search_hash() != demo.search_hash()

@@ -146,6 +146,35 @@ def test_scorer_aggregates_per_block_losses_by_cluster(aggregate):
         assert scorer(pattern) == PatternScorer(model, blocks, batch_size=4)(pattern)
 
 
+def test_cluster_batches_hold_one_cluster_each_round_robin():
+    from evop.method.fitness import cluster_batches
+
+    assert cluster_batches([2, 0, 0, 1, 0, 2, 0], 2) == [(0, [1, 2]), (1, [3]), (2, [0, 5]), (0, [4, 6])]
+
+
+@pytest.mark.parametrize("aggregate", ["clusters", "worst-cluster"])
+def test_cluster_aggregates_race_stage_by_stage(aggregate):
+    """Staged sums give exactly the full cluster aggregate, and a partial one over the clusters
+    seen so far (what racing compares)."""
+    from evop.method.fitness import aggregate_block_losses, cluster_batches, mean_nll
+
+    model = tiny_model("llama")
+    blocks = random_blocks(6, 16)
+    clusters = [0, 1, 0, 1, 2, 0]
+    pattern = Pattern.of(6, [1, 4])
+    scorer = PatternScorer(
+        model, blocks, batch_size=2, aggregate=aggregate, clusters=clusters, prefix_cache_mb=8
+    )
+    stages = [v for s in range(len(scorer.stage_tokens)) for v in scorer.stage_sums(pattern, s, s + 1)]
+    assert scorer.fitness_of(stages) == scorer(pattern)
+    assert scorer.stage_clusters == [c for c, _ in cluster_batches(clusters, 2)] == [0, 1, 2, 0]
+    first = [i for _, idx in cluster_batches(clusters, 2)[:2] for i in idx]  # blocks of stages 0, 1
+    with layers_kept(model, pattern.kept):
+        per_block = [15 * mean_nll(model, blocks[i : i + 1]) for i in first]
+    partial = aggregate_block_losses(per_block, 15, [clusters[i] for i in first], aggregate)
+    assert scorer.fitness_of(stages[:2]) == pytest.approx(math.exp(partial), rel=1e-5)
+
+
 def test_kl_worst_cluster_is_the_worst_blocks_kl():
     model = tiny_model("llama")
     blocks = random_blocks(4, 16)

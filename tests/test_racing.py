@@ -11,7 +11,7 @@ import pytest
 from evop.config import SearchConfig
 from evop.method.genetic import GeneticSearch
 from evop.method.patterns import Pattern
-from evop.method.racing import race
+from evop.method.racing import race, worse_than
 from evop.method.state import SearchState
 
 
@@ -27,6 +27,7 @@ class StagedObjective:
             self.cost[critical] = 3.0  # removing it makes the model hopeless
         self.stages, self.positions = stages, positions
         self.stage_tokens = [positions + 1] * stages
+        self.stage_positions = [positions] * stages
         self.calls: list[tuple[str, int]] = []
 
     def stage_loss(self, pattern: Pattern, stage: int) -> float:
@@ -62,6 +63,31 @@ def test_race_stops_a_hopeless_candidate_after_the_minimum_stages():
     assert len(race(objective, bad, None, ratio=1.5)) == 8  # no reference yet: scored in full
 
 
+def test_paired_t_test_against_hand_computations():
+    # diffs 0.1 and 0.3: mean 0.2, sd 0.1414, standard error 0.1, t = 2.0 with 1 degree of freedom;
+    # the one-sided critical values are 3.078 at 0.9 and 1.0 at 0.75.
+    assert not worse_than([1.1, 1.3], [1.0, 1.0], confidence=0.9)
+    assert worse_than([1.1, 1.3], [1.0, 1.0], confidence=0.75)
+    assert not worse_than([1.1], [1.0], confidence=0.6)  # one stage says nothing about the spread
+    assert not worse_than([0.9, 0.95, 0.9], [1.0, 1.0, 1.0], confidence=0.6)  # better: never out
+    assert worse_than([1.05, 1.05, 1.05], [1.0, 1.0, 1.0], confidence=0.99)  # no spread, worse
+    assert not worse_than([1.2, 0.9, 1.1, 0.95], [1.0] * 4, confidence=0.95)  # within the noise
+
+
+def test_confidence_stops_a_near_miss_the_ratio_lets_through():
+    objective = StagedObjective()
+    kept = [i for i in range(1, 15) if objective.cost[i] < 1]
+    cheap = sorted(kept, key=lambda i: objective.cost[i])
+    worse = next(i for i in cheap if objective.cost[i] - objective.cost[cheap[1]] > 0.1)
+    best, near = Pattern.of(16, cheap[:2]), Pattern.of(16, [cheap[0], worse])
+    # the near miss is worse by more than the per-stage wobble, and within the ratio of 1.5
+    reference = objective.stage_sums(best)
+    assert len(race(objective, near, reference, ratio=1.5)) == 8  # within 1.5x: the ratio keeps it
+    stopped = race(objective, near, reference, ratio=1.5, confidence=0.95)
+    assert 2 <= len(stopped) < 8
+    assert len(race(objective, best, reference, ratio=None, confidence=0.95)) == 8  # never its own
+
+
 def test_racing_finds_the_same_best_with_fewer_tokens_and_never_stops_a_better_pattern():
     plain_fitness, racing_fitness = StagedObjective(seed=3), StagedObjective(seed=3)
     plain = GeneticSearch(16, 3, settings(), plain_fitness, staged=plain_fitness).run()
@@ -77,6 +103,22 @@ def test_racing_finds_the_same_best_with_fewer_tokens_and_never_stops_a_better_p
     assert all(len(raced.stage_sums[p]) == 8 for p in raced.population if p == raced.best)
     assert sum(h["raced_out"] for h in raced.history) == len(stopped)
     assert raced.history[-1]["tokens"] == raced.tokens
+
+
+def test_confidence_racing_keeps_the_best_for_far_fewer_tokens_than_the_ratio_alone():
+    searches = {}
+    for name, extra in {
+        "plain": {},
+        "ratio": {"racing_ratio": 1.5},
+        "both": {"racing_ratio": 1.5, "racing_confidence": 0.95},
+        "confidence": {"racing_confidence": 0.95},
+    }.items():
+        objective = StagedObjective(seed=3)
+        searches[name] = GeneticSearch(16, 3, settings(**extra), objective, staged=objective).run()
+    plain = searches["plain"]
+    for name in ("ratio", "both", "confidence"):
+        assert searches[name].best == plain.best, name
+    assert searches["both"].tokens < 0.8 * searches["ratio"].tokens
 
 
 def test_raced_out_patterns_rank_after_fully_scored_ones_and_resume_is_identical():
@@ -125,15 +167,24 @@ def test_racing_in_the_pipeline_counts_tokens_into_the_result(tiny_dir, text_fil
 
     base = {
         "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
-        "calibration": {"dataset": str(text_file), "pool_size": 48, "block_len": 32, "n_samples": 8,
-                        "embedder": "model", "n_clusters": 4},
+        "calibration": {
+            "dataset": str(text_file),
+            "pool_size": 48,
+            "block_len": 32,
+            "n_samples": 8,
+            "embedder": "model",
+            "n_clusters": 4,
+        },
         "fitness": {"batch_size": 2},
         "output_dir": str(tmp_path / "plain"),
     }
     search = {"num_remove": 3, "population": 8, "generations": 3, "patience": 10}
     plain = run_search(build_config({**base, "search": search}))
-    raced = run_search(build_config({**base, "search": {**search, "racing_ratio": 1.05},
-                                     "output_dir": str(tmp_path / "raced")}))
+    raced = run_search(
+        build_config(
+            {**base, "search": {**search, "racing_ratio": 1.05}, "output_dir": str(tmp_path / "raced")}
+        )
+    )
     assert plain["tokens_forwarded"] == plain["evaluations"] * 8 * 32
     assert raced["tokens_forwarded"] <= plain["tokens_forwarded"]
     assert raced["history"][-1]["tokens"] == raced["tokens_forwarded"]
@@ -146,8 +197,14 @@ def test_the_racing_benchmark_prints_the_side_by_side_table(tiny_dir, text_file,
 
     config = {
         "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
-        "calibration": {"dataset": str(text_file), "pool_size": 48, "block_len": 32, "n_samples": 8,
-                        "embedder": "model", "n_clusters": 4},
+        "calibration": {
+            "dataset": str(text_file),
+            "pool_size": 48,
+            "block_len": 32,
+            "n_samples": 8,
+            "embedder": "model",
+            "n_clusters": 4,
+        },
         "search": {"num_remove": 3, "population": 6, "generations": 2, "patience": 10, "polish_rounds": 1},
         "fitness": {"batch_size": 2},
         "evaluation": {"heldout": [str(text_file)], "block_len": 32, "max_blocks": 2},

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evop.config import EvoPConfig, without_neutral_defaults
+from evop.eval.compare_judge import Judge
 from evop.eval.compare_report import render_markdown
 from evop.eval.compare_spec import (
     AT_SLEB_BUDGET,
@@ -40,11 +41,10 @@ from evop.eval.compare_spec import (
     TABLE_FILE,
     VARIANTS,
     CompareSpec,
-    domain_name,
 )
 from evop.method.influence import layer_influence
 from evop.method.outcome import Outcome
-from evop.method.patterns import Pattern, layers_to_remove
+from evop.method.patterns import layers_to_remove
 from evop.method.scoring import CountingFitness, ScoreMemo
 from evop.records import finite_or_none, write_json_atomic
 from evop.searches import run_method
@@ -82,11 +82,8 @@ class Comparison:
         self._calibration: dict[str, tuple[torch.Tensor, dict[str, Any], list[int] | None]] = {}
         self._scorers: dict[str, PatternScorer] = {}
         self._memos: dict[str, ScoreMemo] = {}
-        self._heldout: dict[str, PatternScorer] | None = None
-        self._heldout_memo: dict[str, dict[str, float | None]] = {}
-        self._heldout_path = self.out / f"heldout-{self._heldout_key()}.json"
-        if self._heldout_path.is_file():
-            self._heldout_memo = json.loads(self._heldout_path.read_text())
+        self.judge = Judge(cfg, self.model, self.tokenizer, self.out, spec.lm_eval)
+        self.heldout, self.downstream = self.judge.heldout, self.judge.downstream
         self.results = self._load_results()
 
     # ------------------------------------------------------------------ state on disk
@@ -106,21 +103,13 @@ class Comparison:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def _fitness_key(self) -> str:
-        """Calibration scores depend on the model and the fitness settings (not on batching)."""
+        """Calibration scores depend on the model and the fitness settings, and the per-stage sums
+        of racing on the batching too (the dense prefix cache changes nothing)."""
         import hashlib
 
-        f = self.cfg.fitness.model_dump(mode="json", exclude={"batch_size", "prefix_cache_mb"})
+        f = self.cfg.fitness.model_dump(mode="json", exclude={"prefix_cache_mb"})
         f = without_neutral_defaults("fitness", f)  # memos of earlier versions stay valid
         payload = [self.cfg.model.model_dump(mode="json"), f, self.cfg.search.evopress_cheap_fraction]
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-    def _heldout_key(self) -> str:
-        """Held-out scores depend on the model and the held-out windows only: they outlive a
-        changed search or calibration config."""
-        import hashlib
-
-        e = self.cfg.evaluation
-        payload = [self.cfg.model.model_dump(mode="json"), e.heldout, e.block_len, e.max_blocks]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     def _load_results(self) -> dict[str, Any]:
@@ -136,7 +125,7 @@ class Comparison:
         return {**fresh, "units": data.get("units", {})}
 
     def _save(self) -> None:
-        write_json_atomic(self._heldout_path, self._heldout_memo)
+        self.judge.save()
         write_json_atomic(self.out / COMPARE_FILE, self.report())
         (self.out / TABLE_FILE).write_text(render_markdown(self.report()))
 
@@ -189,61 +178,6 @@ class Comparison:
         """A fresh per-method view of the shared, persisted memo of ``calib``."""
         return self._memos[calib].fitness(self.scorer(calib, cheap), cheap)
 
-    def heldout_scorers(self) -> dict[str, "PatternScorer"]:
-        from evop.assets.build import DEFAULT_ASSETS, prepare_assets
-        from evop.eval.perplexity import text_blocks
-        from evop.method.fitness import PatternScorer
-
-        if self._heldout is None:
-            e = self.cfg.evaluation
-            wanted = [s.removeprefix("evop-assets:") for s in e.heldout if s.startswith("evop-assets:")]
-            extra = [name for name in wanted if name not in DEFAULT_ASSETS]
-            if extra:
-                prepare_assets(tuple(extra))
-            self._heldout = {}
-            for source in e.heldout:
-                blocks = text_blocks(source, self.tokenizer, e.block_len, e.max_blocks)
-                self._heldout[domain_name(source)] = PatternScorer(
-                    self.model, blocks, "ppl", e.batch_size, prefix_cache_mb=self.cfg.fitness.prefix_cache_mb
-                )
-        return self._heldout
-
-    def heldout(self, pattern: Pattern | None) -> dict[str, float | None]:
-        """Held-out perplexity per domain of ``pattern`` (None: the dense model), memoised."""
-        key = "dense" if pattern is None else str(pattern)
-        if key not in self._heldout_memo:
-            scores = {}
-            for domain, scorer in self.heldout_scorers().items():
-                scores[domain] = finite_or_none(scorer.dense() if pattern is None else scorer(pattern))
-            self._heldout_memo[key] = scores
-        return self._heldout_memo[key]
-
-    def downstream(self, pattern: Pattern | None) -> dict[str, float | None] | None:
-        """lm-eval accuracy per task (acc_norm where the task has it) of ``pattern``, in place."""
-        if not self.spec.lm_eval or not self.cfg.evaluation.tasks:
-            return None
-        from evop.eval.downstream import evaluate_tasks, task_directory
-        from evop.models.layers import layers_kept
-
-        e = self.cfg.evaluation
-        include = task_directory(self.cfg.model_copy(update={"output_dir": str(self.out)}), self.tokenizer)
-        kept = range(self.num_layers) if pattern is None else pattern.kept
-        use_cache = self.model.config.use_cache
-        self.model.config.use_cache = False  # skipped layers break the KV-cache bookkeeping
-        try:
-            with layers_kept(self.model, kept):
-                scores = evaluate_tasks(
-                    self.model, self.tokenizer, e.tasks, include, e.num_fewshot, e.limit, e.lm_eval_batch_size
-                )
-        finally:
-            self.model.config.use_cache = use_cache
-        out = {}
-        for task, value in scores.items():
-            if isinstance(value, dict):
-                out[task] = value.get("acc_norm") if value.get("acc_norm") is not None else value.get("acc")
-        out["mean_acc"] = scores.get("mean_acc")
-        return out
-
     # ------------------------------------------------------------------ the parts
 
     def search(
@@ -292,6 +226,7 @@ class Comparison:
             "evaluations": outcome.evaluations,
             "evaluations_to_best": outcome.evaluations_to_best,
             "cheap_evaluations": outcome.cheap_evaluations,
+            "tokens_forwarded": outcome.tokens,
             "search_seconds": outcome.details["search_seconds"],
             "wall_seconds": round(outcome.seconds, 2),
         }
@@ -419,5 +354,5 @@ class Comparison:
             "spec": asdict(self.spec),
             "search": self.cfg.search.model_dump(mode="json"),
             "units": self.results["units"],
-            "heldout_scores": self._heldout_memo,
+            "heldout_scores": self.judge.scores,
         }

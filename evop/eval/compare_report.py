@@ -8,6 +8,7 @@ and the search quality against the exhaustive optimum. A diverged value reads "d
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -17,6 +18,20 @@ from evop.records import format_number
 
 def _f(x: float | None, digits: int = 4) -> str:
     return format_number(x, digits, missing="diverged")
+
+
+def geomean(values: list[float | None]) -> float | None:
+    """Geometric mean of held-out perplexities over domains (None if any diverged or is missing):
+    one number per method that no single domain dominates."""
+    if not values or any(v is None for v in values):
+        return None
+    return math.exp(math.fsum(math.log(v) for v in values) / len(values))  # type: ignore[arg-type]
+
+
+def _tokens(r: dict[str, Any]) -> str:
+    """Tokens forwarded, in thousands ('-' where the method did not count them)."""
+    t = r.get("tokens_forwarded")
+    return "-" if t is None else f"{t / 1000:,.0f}k"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -37,20 +52,21 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{n} ({report['heldout']['max_blocks']} x {report['heldout']['block_len']} tokens)"
                 for n in names
             )
-            + ". Search s: scoring time each method would spend alone."
+            + ". Geomean: geometric mean of the held-out perplexities. Tokens and search s: tokens "
+            "forwarded and scoring time each method would spend alone."
             " Best held-out value per sparsity in bold."
         )
         lines.append("")
     header = f"| sparsity | method | removed layers | calib {metric} | " + " | ".join(
         f"{n} ppl" for n in names
     )
-    lines += [header + " | evaluations | search s |", "|" + " --- |" * (6 + len(names))]
+    lines += [header + " | geomean | evaluations | tokens | search s |", "|" + " --- |" * (9 + len(names))]
     dense = units.get("dense")
     if dense:
         lines.append(
             f"| 0 | dense | - | {_f(dense['calib_fitness'])} | "
             + " | ".join(_f(dense["heldout_ppl"].get(n)) for n in names)
-            + " | - | - |"
+            + f" | {_f(geomean([dense['heldout_ppl'].get(n) for n in names]))} | - | - | - |"
         )
     for sparsity in report["spec"]["sparsities"]:
         rows = [v for key, v in units.items() if key.startswith("main/") and v.get("sparsity") == sparsity]
@@ -61,11 +77,15 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
             for n in names
         }
+        means = {id(r): geomean([r["heldout_ppl"][n] for n in names]) for r in rows if "heldout_ppl" in r}
+        best_mean = min((v for v in means.values() if v is not None), default=None)
         for r in rows:
             head = f"| {sparsity:.0%} ({r['k']}/{L}) | {r['method']} |"
             if "skipped" in r:
-                lines.append(f"{head} refused: {r['skipped']} |" + " |" * (3 + len(names)))
+                lines.append(f"{head} refused: {r['skipped']} |" + " |" * (6 + len(names)))
                 continue
+            mean = means[id(r)]
+            mean_cell = f"**{_f(mean)}**" if mean is not None and mean == best_mean else _f(mean)
             cells = []
             for n in names:
                 v = r["heldout_ppl"][n]
@@ -78,7 +98,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"{head} {','.join(map(str, r['removed_layers']))} | {_f(r['calib_fitness'])} | "
                 + " | ".join(cells)
-                + f" | {evals} | {r['search_seconds']:.0f} |"
+                + f" | {mean_cell} | {evals} | {_tokens(r)} | {r['search_seconds']:.0f} |"
             )
     lines += _ablation_markdown(report, names, metric) + _greedy_markdown(report, names, metric)
     lines += _optimum_markdown(report)
@@ -141,8 +161,8 @@ def _greedy_markdown(report: dict[str, Any], names: list[str], metric: str) -> l
         "",
         f"| sparsity | search | calib {metric} | "
         + " | ".join(f"{n} ppl" for n in names)
-        + " | evaluations | search s |",
-        "|" + " --- |" * (5 + len(names)),
+        + " | evaluations | tokens | search s |",
+        "|" + " --- |" * (6 + len(names)),
     ]
     for s, ga, greedy in pairs:
         searches = [("EvoP: GA + polish", ga)]
@@ -159,7 +179,7 @@ def _greedy_markdown(report: dict[str, Any], names: list[str], metric: str) -> l
             lines.append(
                 f"| {s:.0%} | {label} | {_f(r['calib_fitness'])} | "
                 + " | ".join(_f(r["heldout_ppl"][n]) for n in names)
-                + f" | {r['evaluations']} | {r['search_seconds']:.0f} |"
+                + f" | {r['evaluations']} | {_tokens(r)} | {r['search_seconds']:.0f} |"
             )
     return lines
 

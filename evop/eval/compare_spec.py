@@ -83,6 +83,10 @@ class CompareSpec:
 
 
 def domain_name(source: str) -> str:
-    """The short name of a held-out text source (``evop-assets:news`` -> ``news``, a path -> its stem)."""
-    name = source.removeprefix("evop-assets:")
-    return Path(name).stem if "/" in name else name
+    """The short name of a held-out text source (``evop-assets:news`` -> ``news``, a path -> its
+    stem; a document slice stays: ``evop-assets:wikipedia[90:]`` -> ``wikipedia[90:]``)."""
+    from evop.method.calibration import split_document_slice
+
+    name, documents = split_document_slice(source.removeprefix("evop-assets:"))
+    part = "" if documents == slice(None) else source[source.rindex("[") :]
+    return (Path(name).stem if "/" in name else name) + part

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ def _read_text(file: Path) -> str:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise CalibrationDataError(
-            f"{file} is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}); "
+            f"{file} is not UTF-8 text (byte {err.start} is {err.object[err.start : err.start + 1]!r}); "
             "calibration text must be a UTF-8 .txt or .jsonl file"
         ) from None
     except OSError as err:
@@ -80,7 +81,10 @@ def load_texts(
     """Read documents from a local ``.txt``/``.jsonl`` file or directory, or a `datasets` name.
 
     Args:
-        source: A path, an ``evop-assets:`` reference, or a dataset name such as ``"wikitext"``.
+        source: A path, an ``evop-assets:`` reference, or a dataset name such as ``"wikitext"``,
+            optionally followed by a slice of its documents, Python style: ``wiki.jsonl[:90]`` for
+            the first 90, ``evop-assets:wikipedia[90:]`` for the rest (how one corpus gives a
+            calibration pool and held-out documents that never overlap).
         dataset_config: Dataset config name (e.g. ``"wikitext-2-raw-v1"``).
         split: Dataset split.
         text_field: Field that holds the text.
@@ -90,7 +94,8 @@ def load_texts(
     """
     from evop.assets.references import resolve_reference
 
-    resolved = resolve_reference(source)
+    name, documents = split_document_slice(source)
+    resolved = resolve_reference(name)
     path = Path(resolved)
     if path.exists():
         texts = _read_local(path, text_field)
@@ -98,10 +103,22 @@ def load_texts(
         if resolved.endswith((".txt", ".jsonl")) or "/" in resolved and resolved.startswith((".", "/")):
             raise CalibrationDataError(f"calibration file not found: {resolved}")
         texts = _load_dataset_texts(resolved, dataset_config, split, text_field)
-    texts = [t for t in texts if t and t.strip()]
+    texts = [t for t in texts if t and t.strip()][documents]
     if not texts:
         raise CalibrationDataError(f"calibration source {source!r} holds no text")
     return texts
+
+
+_DOCUMENT_SLICE = re.compile(r"^(?P<name>.+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def split_document_slice(source: str) -> tuple[str, slice]:
+    """``"name[a:b]"`` -> ``("name", slice(a, b))``; a source without a slice gets all documents."""
+    match = _DOCUMENT_SLICE.match(source)
+    if match is None:
+        return source, slice(None)
+    start, stop = (int(match[g]) if match[g] else None for g in ("start", "stop"))
+    return match["name"], slice(start, stop)
 
 
 def _load_dataset_texts(name: str, config: str | None, split: str, text_field: str) -> list[str]:

@@ -43,9 +43,8 @@ class DenseTopK:
                 logp, idx = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
                 self.parts.append((logp, idx))
 
-    def batch_kl(self, logits: "torch.Tensor", batch_index: int, per_block: bool = False) -> "torch.Tensor":
-        """Summed KL(dense || model) over one batch's positions, top-k tokens + one 'rest' bucket
-        (``per_block``: one sum per block, shape ``(B,)``).
+    def batch_kl(self, logits: "torch.Tensor", batch_index: int) -> "torch.Tensor":
+        """Summed KL(dense || model) over one batch's positions, top-k tokens + one 'rest' bucket.
 
         Merging the tail into one bucket can only lower the KL (data-processing inequality), so
         this is a tight lower bound of the full KL when the top k hold most of the mass.
@@ -58,7 +57,7 @@ class DenseTopK:
         p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
         q_rest = (1 - logq.exp().sum(-1)).clamp_min(1e-12)
         kl = (p * (logp - logq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())  # (B, T)
-        return kl.sum(-1) if per_block else kl.sum()
+        return kl.sum()
 
 
 class DensePrefix:

@@ -26,7 +26,7 @@ from evop.method.genetic import GeneticSearch
 from evop.method.influence import influence_prior, lowest_influence
 from evop.method.outcome import Outcome, outcome_of_state
 from evop.method.patterns import Pattern
-from evop.method.scoring import CountingFitness, FitnessFn
+from evop.method.scoring import CountingFitness, FitnessFn, counting
 
 Influence = Callable[[], Sequence[float]]
 """Measures the Block Influence of every layer (one dense forward pass)."""
@@ -163,7 +163,7 @@ def run_epps(
     Evaluations count every distinct pattern scored, the seeding's included.
     """
     start = time.perf_counter()
-    f = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
+    f = fitness if isinstance(fitness, CountingFitness) else counting(fitness)
     seeding = seed_search(settings, num_layers, k, f, influence)
     state = build_search(settings, num_layers, k, f, seeding).run()
     outcome = outcome_of_state(state, time.perf_counter() - start)

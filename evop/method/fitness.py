@@ -34,6 +34,21 @@ def _batches(blocks: "torch.Tensor", batch_size: int) -> list["torch.Tensor"]:
     return [blocks[i : i + batch_size] for i in range(0, blocks.shape[0], batch_size)]
 
 
+def cluster_batches(clusters: Sequence[int], batch_size: int) -> list[tuple[int, list[int]]]:
+    """Batches of at most ``batch_size`` blocks of *one* cluster each, as ``(cluster, block
+    indices)``, taken round-robin over the clusters: each batch's summed loss then belongs to one
+    cluster, so the cluster aggregates can be computed from a race's first stages, and those
+    stages see every cluster early."""
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(clusters):
+        groups.setdefault(int(c), []).append(i)
+    chunks = [
+        [(c, idx[j : j + batch_size]) for j in range(0, len(idx), batch_size)]
+        for c, idx in sorted(groups.items())
+    ]
+    return [chunk[r] for r in range(max(map(len, chunks))) for chunk in chunks if r < len(chunk)]
+
+
 def mean_nll(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) -> float:
     """Mean next-token negative log-likelihood (nats) over all positions of ``blocks``.
 
@@ -111,14 +126,6 @@ def aggregate_block_losses(
     return max(means) if how == "worst-cluster" else math.fsum(means) / len(means)
 
 
-def _block_nll(logits: "torch.Tensor", batch: "torch.Tensor") -> "torch.Tensor":
-    """Summed next-token NLL of each block of one batch, shape ``(B,)``, in float32."""
-    import torch.nn.functional as F
-
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
-    return nll.view(batch.shape[0], -1).sum(-1)
-
-
 class PatternScorer:
     """Scores patterns on fixed calibration blocks by skipping their layers in place.
 
@@ -131,7 +138,8 @@ class PatternScorer:
         kl_top_k: Dense probabilities kept per position for ``kl``.
         prefix_cache_mb: Memory for dense hidden states shared by all candidates (0: off).
         aggregate: How per-block losses become the fitness (see :func:`aggregate_block_losses`).
-        clusters: The CCDS cluster of each block (for the cluster aggregates).
+        clusters: The CCDS cluster of each block (for the cluster aggregates, whose batches each
+            hold blocks of one cluster: :func:`cluster_batches`).
 
     Attributes:
         calls: Patterns scored so far (the dense reference is not counted).
@@ -175,7 +183,14 @@ class PatternScorer:
         self.seconds = 0.0
         self.tokens = 0
         device = device_of(model)
-        self._batches = [b.to(device) for b in _batches(blocks, batch_size)]
+        self.stage_clusters: list[int] | None = None  # the cluster of each batch (cluster aggregates)
+        if aggregate == "mean":
+            batches = _batches(blocks, batch_size)
+        else:
+            grouped = cluster_batches(clusters or [], batch_size)
+            self.stage_clusters = [c for c, _ in grouped]
+            batches = [blocks[idx] for _, idx in grouped]
+        self._batches = [b.to(device) for b in batches]
         self._dense = DenseTopK(model, self._batches, kl_top_k) if metric == "kl" else None
         self._prefix = DensePrefix(model, self._batches, prefix_cache_mb) if prefix_cache_mb > 0 else None
 
@@ -219,22 +234,13 @@ class PatternScorer:
 
     def _score(self, start: "DensePrefix | None" = None, pattern: Pattern | None = None) -> float:
         """Score the model as it stands (or from the dense prefix cache for ``pattern``)."""
-        per_block: list[float] = []  # summed loss of each block, for the cluster aggregates
-        sums = self._batch_sums(range(len(self._batches)), start, pattern, per_block)
-        if self.aggregate != "mean":
-            positions = self.blocks.shape[1] - (0 if self._dense is not None else 1)
-            return self._finish(aggregate_block_losses(per_block, positions, self.clusters, self.aggregate))
-        return self.fitness_of(sums)
+        return self.fitness_of(self._batch_sums(range(len(self._batches)), start, pattern))
 
     def _batch_sums(
-        self,
-        batches: range,
-        start: "DensePrefix | None" = None,
-        pattern: Pattern | None = None,
-        per_block: list[float] | None = None,
+        self, batches: range, start: "DensePrefix | None" = None, pattern: Pattern | None = None
     ) -> list[float]:
         """Summed loss (NLL or KL) of each of ``batches``, with the model as it stands (or from the
-        dense prefix cache for ``pattern``); ``per_block`` collects each block's sum when given."""
+        dense prefix cache for ``pattern``)."""
         import torch
 
         sums = []
@@ -246,15 +252,7 @@ class PatternScorer:
                 batch_index[0] = i
                 logits = self.model(input_ids=batch, use_cache=False).logits  # (B, T, V)
                 self.tokens += batch.numel()
-                if per_block is not None and self.aggregate != "mean":
-                    block = (
-                        self._dense.batch_kl(logits, i, per_block=True)
-                        if self._dense is not None
-                        else _block_nll(logits, batch)
-                    )  # (B,)
-                    per_block += block.tolist()
-                    sums.append(float(block.sum()))
-                elif self._dense is not None:
+                if self._dense is not None:
                     sums.append(self._dense.batch_kl(logits, i).item())
                 else:
                     sums.append(_batch_nll(logits, batch).item())
@@ -276,12 +274,7 @@ class PatternScorer:
         """Summed loss of batches ``start..stop-1`` of ``pattern``: racing scores a candidate one
         stage at a time and stops when it is clearly out. :meth:`fitness_of` of all stages' sums
         equals ``self(pattern)`` exactly (same batches, same order of summation).
-
-        Raises:
-            ValueError: with a cluster aggregate (racing compares means over all tokens).
         """
-        if self.aggregate != "mean":
-            raise ValueError("racing needs fitness.aggregate: mean")
         batches = range(start, len(self._batches) if stop is None else stop)
         check_pattern(self.model, pattern)
         began = time.perf_counter()
@@ -294,11 +287,24 @@ class PatternScorer:
         return sums
 
     def fitness_of(self, sums: list[float]) -> float:
-        """The fitness from the summed losses of all stages, in order (see :meth:`stage_sums`)."""
-        total = 0.0
-        for value in sums:  # sequential, as the unstaged score sums them
-            total += value
-        return self._finish(total / sum(self.stage_positions[: len(sums)]))
+        """The fitness from the summed losses of the first ``len(sums)`` stages, in order (see
+        :meth:`stage_sums`): their mean loss per position, or with a cluster aggregate the mean
+        (``clusters``) or largest (``worst-cluster``) of the per-cluster means over those stages."""
+        positions = self.stage_positions
+        if self.stage_clusters is None:
+            total = 0.0
+            for value in sums:  # sequential, as earlier versions summed them (same fitness values)
+                total += value
+            return self._finish(total / sum(positions[: len(sums)]))
+        per_cluster: dict[int, list[float]] = {}
+        for value, cluster, n in zip(sums, self.stage_clusters, positions, strict=False):
+            loss_positions = per_cluster.setdefault(cluster, [0.0, 0.0])
+            loss_positions[0] += value
+            loss_positions[1] += n
+        means = [loss / n for _, (loss, n) in sorted(per_cluster.items())]
+        return self._finish(
+            max(means) if self.aggregate == "worst-cluster" else math.fsum(means) / len(means)
+        )
 
     def _finish(self, value: float) -> float:
         """Mean loss per position -> fitness: KL as it is, NLL as perplexity."""

@@ -56,7 +56,7 @@ class GeneticSearch:
         seed_patterns: Patterns placed first in the initial population (e.g. baselines).
         staged: The fitness scored stage by stage (:class:`~evop.method.racing.StagedFitness`,
             e.g. the :class:`~evop.method.fitness.PatternScorer` behind ``fitness``): counts the
-            tokens forwarded, and makes racing (``settings.racing_ratio``) possible.
+            tokens forwarded, and makes racing (``settings.racing``) possible.
         layer_prior: Removability of every layer in ``(0, 1]`` guiding swap mutation (see
             :func:`~evop.method.operators.swap_mutation`;
             :func:`~evop.method.influence.influence_prior` makes one from Block Influence).
@@ -86,8 +86,8 @@ class GeneticSearch:
         self.protected = [i for i in range(num_layers) if i not in set(self.candidates)]
         self.space_size = math.comb(len(self.candidates), k)
         self._fitness = fitness
-        if settings.racing_ratio is not None and staged is None:
-            raise BadInputError("search.racing_ratio needs a fitness that is scored stage by stage")
+        if settings.racing and staged is None:
+            raise BadInputError("search racing needs a fitness that is scored stage by stage")
         self.staged = staged
         self.seed_patterns = self._check_seeds(seed_patterns)
         if layer_prior is not None and (

@@ -28,6 +28,8 @@ class Outcome:
         evaluations: Distinct patterns scored on the full calibration set.
         cheap_evaluations: Distinct patterns scored on the reduced token budget (``evopress``).
         seconds: Wall time of the search (scoring included).
+        tokens: Tokens forwarded through the model to find it, as the method alone would have
+            (None: not counted, e.g. a fitness not scored stage by stage).
         history: One entry per round or generation: ``step``, ``best_fitness``, ``best_pattern``,
             ``evaluations`` (cumulative).
         details: Method-specific figures (block influence scores, single-layer fitness, ...).
@@ -39,6 +41,7 @@ class Outcome:
     evaluations: int
     seconds: float
     cheap_evaluations: int = 0
+    tokens: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -63,6 +66,7 @@ class Outcome:
             "evaluations": self.evaluations,
             "cheap_evaluations": self.cheap_evaluations,
             "seconds": round(self.seconds, 3),
+            "tokens": self.tokens,
             "history": [{**h, "best_fitness": finite_or_none(h["best_fitness"])} for h in self.history],
             "details": self.details,
         }
@@ -79,6 +83,7 @@ class Outcome:
             evaluations=int(data["evaluations"]),
             cheap_evaluations=int(data.get("cheap_evaluations", 0)),
             seconds=float(data["seconds"]),
+            tokens=data.get("tokens"),
             history=[{**h, "best_fitness": value(h["best_fitness"])} for h in data["history"]],
             details=data.get("details", {}),
         )
@@ -95,6 +100,8 @@ def outcome_of_state(state: SearchState, seconds: float) -> Outcome:
             "best_pattern": h["best_pattern"],
             "evaluations": h["evaluations"],
             "mean_fitness": h["mean_fitness"],
+            "tokens": h.get("tokens"),
+            "seconds": h.get("seconds"),
         }
         for h in state.history
     ]
@@ -104,6 +111,7 @@ def outcome_of_state(state: SearchState, seconds: float) -> Outcome:
         state.best_fitness,
         state.evaluations,
         seconds,
+        tokens=state.tokens,
         history=history,
         details={"generations": state.generation, "stop_reason": state.stop_reason},
     )

@@ -2,11 +2,18 @@
 
 Most candidates of a layer-pruning search are hopeless: they remove a layer the model cannot do
 without, and their perplexity is many times the best's after the first few blocks already. Racing
-stops such a candidate as soon as its fitness on the stages scored so far is above
-``racing_ratio`` x the best pattern's fitness on the *same* stages (a paired comparison, so the
-blocks' own difficulty cancels out), after at least ``racing_min_stages`` stages. A stopped
-(raced-out) candidate keeps its per-stage losses and its partial fitness, and ranks after every
-fully scored pattern; the best pattern is always scored on all blocks.
+compares a candidate with the best fully scored pattern on the *same* stages (a paired comparison,
+so the blocks' own difficulty cancels out) and stops it, after at least ``racing_min_stages``
+stages, when
+
+- ``racing_ratio``: its fitness on the stages so far is above ratio x the best's there (the
+  hopeless ones, usually after one stage), or
+- ``racing_confidence``: a one-sided paired t-test on the per-stage mean losses says it is worse
+  than the best at that confidence (the near misses, which the ratio lets run to the end; most of
+  a converging search's candidates are near misses).
+
+A stopped (raced-out) candidate keeps its per-stage losses and its partial fitness, and ranks
+after every fully scored pattern; the best pattern is always scored on all blocks.
 
 Cost is counted in tokens forwarded (:attr:`SearchState.tokens <evop.method.state.SearchState>`),
 not only in evaluations. This module needs neither torch nor Prefect.
@@ -34,6 +41,9 @@ class StagedFitness(Protocol):
     @property
     def stage_tokens(self) -> list[int]: ...  # tokens forwarded to score each stage
 
+    @property
+    def stage_positions(self) -> list[int]: ...  # positions each stage's summed loss covers
+
     def stage_sums(self, pattern: Pattern, start: int = 0, stop: int | None = None) -> list[float]: ...
 
     def fitness_of(self, sums: list[float]) -> float: ...  # fitness on the first len(sums) stages
@@ -45,12 +55,29 @@ def raced_out(sums: Sequence[float] | None, stages: int) -> bool:
     return sums is not None and len(sums) < stages
 
 
+def worse_than(mine: Sequence[float], best: Sequence[float], confidence: float) -> bool:
+    """Whether per-stage mean losses ``mine`` are above ``best``'s (the same stages) at
+    ``confidence``: a one-sided paired t-test, so the stages' own difficulty cancels out."""
+    n = len(mine)
+    if n < 2:
+        return False
+    diffs = [a - b for a, b in zip(mine, best, strict=True)]
+    mean = math.fsum(diffs) / n
+    if mean <= 0:
+        return False
+    sd = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1))
+    from scipy.stats import t  # a scikit-learn dependency; imported only when racing needs it
+
+    return mean > t.ppf(confidence, n - 1) * sd / math.sqrt(n)
+
+
 def race(
     staged: StagedFitness,
     pattern: Pattern,
     reference: list[float] | None,
-    ratio: float,
+    ratio: float | None,
     min_stages: int = 1,
+    confidence: float | None = None,
 ) -> list[float]:
     """Score ``pattern`` stage by stage until it is clearly out, or on every stage.
 
@@ -59,13 +86,17 @@ def race(
         pattern: The candidate.
         reference: Per-stage summed losses of the best pattern so far (all stages); None: score
             the candidate on every stage.
-        ratio: Out when its fitness on the stages so far exceeds ``ratio`` x the reference's there.
+        ratio: Out when its fitness on the stages so far exceeds ``ratio`` x the reference's there
+            (None: no ratio rule).
         min_stages: Stages always scored before the candidate can be stopped.
+        confidence: Out when its per-stage mean losses are above the reference's at this
+            confidence (:func:`worse_than`; None: no such test).
 
     Returns:
         The candidate's summed loss of each stage scored (all of them unless it was raced out).
     """
     stages = len(staged.stage_tokens)
+    positions = staged.stage_positions
     sums: list[float] = []
     for stage in range(stages):
         sums += staged.stage_sums(pattern, stage, stage + 1)
@@ -73,7 +104,13 @@ def race(
         if reference is None or done < min_stages or done == stages:
             continue
         mine, best = staged.fitness_of(sums), staged.fitness_of(reference[:done])
-        if not math.isfinite(mine) or mine > ratio * best:
+        if not math.isfinite(mine) or (ratio is not None and mine > ratio * best):
+            break
+        if confidence is not None and worse_than(
+            [v / p for v, p in zip(sums, positions, strict=False)],
+            [v / p for v, p in zip(reference[:done], positions, strict=False)],
+            confidence,
+        ):
             break
     return sums
 
@@ -87,7 +124,7 @@ def score_candidates(
     staged: StagedFitness | None,
     settings: "SearchConfig",
 ) -> int | None:
-    """Score a step's never-seen patterns into ``memo``: in full, or (``settings.racing_ratio``)
+    """Score a step's never-seen patterns into ``memo``: in full, or (``settings.racing``)
     raced against the best fully scored pattern so far, this step's included.
 
     Args:
@@ -97,13 +134,12 @@ def score_candidates(
         best: The best pattern before this step (None: none yet).
         fitness: Scores one pattern in full.
         staged: The same fitness stage by stage (None: tokens are not reported).
-        settings: ``racing_ratio`` and ``racing_min_stages``.
+        settings: ``racing_ratio``, ``racing_confidence`` and ``racing_min_stages``.
 
     Returns:
         Tokens forwarded (None when the fitness does not report them).
     """
-    ratio = settings.racing_ratio
-    if staged is None or ratio is None:
+    if staged is None or not settings.racing:
         for pattern in fresh:
             memo[str(pattern)] = finite_score(fitness, pattern)
         return None if staged is None else len(fresh) * sum(staged.stage_tokens)
@@ -113,7 +149,14 @@ def score_candidates(
     for pattern in fresh:
         key = str(pattern)
         try:
-            sums = race(staged, pattern, reference, ratio, settings.racing_min_stages)
+            sums = race(
+                staged,
+                pattern,
+                reference,
+                settings.racing_ratio,
+                settings.racing_min_stages,
+                settings.racing_confidence,
+            )
         except ArithmeticError as err:  # diverged: ranked last, as finite_score would
             logger.warning("pattern %s diverged (%s); ranked last", pattern, err)
             sums = [math.inf]

@@ -4,7 +4,9 @@
   is the real one; tests use synthetic objectives with known optima).
 - :func:`finite_score`: the one place where a diverged candidate (nan, inf, an arithmetic error)
   becomes ``inf`` and ranks last instead of crashing the search.
-- :class:`CountingFitness`: what one method asked for and what it would have cost alone.
+- :class:`CountingFitness`: what one method asked for and what it would have cost alone;
+  :class:`StagedCounting` is the same for a fitness scored stage by stage (racing), with the
+  per-stage sums memoised and the tokens forwarded counted.
 - :class:`ScoreMemo`: scores of one calibration set, shared by methods and persisted.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from evop.method.patterns import Pattern
@@ -88,11 +90,101 @@ class CountingFitness:
         return value
 
 
+class StagedCounting(CountingFitness):
+    """:class:`CountingFitness` of a fitness scored stage by stage (a
+    :class:`~evop.method.fitness.PatternScorer`; the :class:`~evop.method.racing.StagedFitness`
+    protocol), so that the GA can race candidates through it.
+
+    Per-stage sums live in ``stages`` (``str(pattern) -> (sums, seconds of each stage)``), shared
+    like ``memo``: a raced-out candidate is finished later from where it stopped, never re-scored,
+    and a full score is assembled from the stages (exactly the scorer's own full score).
+    ``tokens`` and ``seconds`` add what this method asked for, memo hits included: its cost alone.
+    """
+
+    def __init__(
+        self,
+        fitness: Any,
+        memo: dict[str, tuple[float, float]] | None = None,
+        stages: dict[str, tuple[list[float], list[float]]] | None = None,
+        on_new: Callable[[], None] | None = None,
+    ):
+        super().__init__(fitness, memo, on_new)
+        self.stages = {} if stages is None else stages
+        self.tokens = 0
+        self._counted: dict[str, int] = {}  # stages of each pattern this method has paid for
+
+    @property
+    def stage_tokens(self) -> list[int]:
+        return self.fitness.stage_tokens
+
+    @property
+    def stage_positions(self) -> list[int]:
+        return self.fitness.stage_positions
+
+    def fitness_of(self, sums: list[float]) -> float:
+        return self.fitness.fitness_of(sums)
+
+    def stage_sums(self, pattern: Pattern, start: int = 0, stop: int | None = None) -> list[float]:
+        n = len(self.stage_tokens)
+        stop = n if stop is None else stop
+        key = str(pattern)
+        sums, seconds = self.stages.get(key, ([], []))
+        if len(sums) < stop:  # score the missing stages, from the first one not memoised
+            more, secs = [], []
+            for stage in range(len(sums), stop):
+                began = time.perf_counter()
+                more += self.fitness.stage_sums(pattern, stage, stage + 1)
+                secs.append(time.perf_counter() - began)
+            sums, seconds = [*sums, *more], [*seconds, *secs]
+            self.stages[key] = (sums, seconds)
+            if self.on_new is not None:
+                self.on_new()
+        self._pay(key, stop, seconds)
+        return sums[start:stop]
+
+    def _pay(self, key: str, stop: int, seconds: Sequence[float]) -> None:
+        """Count stages ``..stop`` of ``key`` once for this method (tokens, seconds, a pattern asked)."""
+        paid = self._counted.get(key, 0)
+        if stop > paid:
+            self.tokens += sum(self.stage_tokens[paid:stop])
+            self.seconds += math.fsum(seconds[paid:stop])
+            self._counted[key] = stop
+        self.asked.add(key)
+
+    def __call__(self, pattern: Pattern) -> float:
+        key = str(pattern)
+        n = len(self.stage_tokens)
+        if key not in self.memo:
+            value = finite_score(lambda p: self.fitness.fitness_of(self.stage_sums(p)), pattern)
+            self.memo[key] = (value, math.fsum(self.stages.get(key, ([], []))[1]))
+            if self.on_new is not None:
+                self.on_new()
+        value, cost = self.memo[key]
+        sums, seconds = self.stages.get(key, ([], []))
+        # A score memoised before stages were kept (or a diverged one) costs its full price.
+        self._pay(key, n, seconds if len(seconds) == n else [cost / n] * n)
+        return value
+
+
+def counting(
+    fitness: Any,
+    memo: dict[str, tuple[float, float]] | None = None,
+    stages: dict[str, tuple[list[float], list[float]]] | None = None,
+    on_new: Callable[[], None] | None = None,
+) -> CountingFitness:
+    """The counting view of ``fitness``: a :class:`StagedCounting` when it is scored stage by stage."""
+    if hasattr(fitness, "stage_sums"):
+        return StagedCounting(fitness, memo, stages, on_new)
+    return CountingFitness(fitness, memo, on_new)
+
+
 class ScoreMemo:
     """Scores of one calibration set, shared by every method that searches it and persisted.
 
     ``full`` holds scores on all calibration blocks, ``cheap`` those of EvoPress's first stage
-    (``str(pattern) -> (fitness, seconds to compute)``). New scores are written through ``write``
+    (``str(pattern) -> (fitness, seconds to compute)``); ``stages`` and ``cheap_stages`` the
+    per-stage sums of a staged scorer (``str(pattern) -> (sums, seconds of each stage)``), which
+    racing may have stopped early. New scores are written through ``write``
     at most every ``every`` seconds, so a crashed search re-scores only its last unsaved stretch;
     the JSON form keeps divergent scores as ``null``.
 
@@ -114,18 +206,29 @@ class ScoreMemo:
             getattr(self, kind).update(
                 {k: (math.inf if v is None else v, t) for k, (v, t) in entries.items()}
             )
+        self.stages: dict[str, tuple[list[float], list[float]]] = {}
+        self.cheap_stages: dict[str, tuple[list[float], list[float]]] = {}
+        for kind in ("stages", "cheap_stages"):
+            for k, (sums, secs) in (data or {}).get(kind, {}).items():
+                getattr(self, kind)[k] = ([math.inf if v is None else v for v in sums], list(secs))
         self._write = write
         self.every = every
         self._saved = time.perf_counter()
 
     def __len__(self) -> int:
-        return len(self.full) + len(self.cheap)
+        return len(self.full) + len(self.cheap) + len(self.stages) + len(self.cheap_stages)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             kind: {k: [finite_or_none(v), round(t, 4)] for k, (v, t) in getattr(self, kind).items()}
             for kind in self.KINDS
         }
+        for kind in ("stages", "cheap_stages"):
+            data[kind] = {
+                k: [[finite_or_none(v) for v in sums], [round(t, 4) for t in secs]]
+                for k, (sums, secs) in getattr(self, kind).items()
+            }
+        return data
 
     def flush(self, force: bool = True) -> None:
         """Write the scores now (``force``) or when the last write is ``every`` seconds old."""
@@ -134,5 +237,11 @@ class ScoreMemo:
             self._saved = time.perf_counter()
 
     def fitness(self, scorer: FitnessFn, cheap: bool = False) -> CountingFitness:
-        """A fresh per-method view of this memo (``cheap``: the first-stage scores)."""
-        return CountingFitness(scorer, self.cheap if cheap else self.full, lambda: self.flush(force=False))
+        """A fresh per-method view of this memo (``cheap``: the first-stage scores); a
+        :class:`StagedCounting` when ``scorer`` is scored stage by stage."""
+        return counting(
+            scorer,
+            self.cheap if cheap else self.full,
+            self.cheap_stages if cheap else self.stages,
+            lambda: self.flush(force=False),
+        )

@@ -72,7 +72,9 @@ def _check_source(field: str, source: str) -> None:
     """A text source that names a local file or an ``evop-assets:`` asset must exist; dataset
     names (``wikitext``, ``allenai/c4``) are left to the loader, which may need the network."""
     from evop.assets.references import REFERENCE_PREFIX, resolve_reference
+    from evop.method.calibration import split_document_slice
 
+    source, _ = split_document_slice(source)
     path = resolve_reference(source)  # an unprepared asset is an AssetError naming the fix
     local = (
         source.startswith((REFERENCE_PREFIX, "/", "./", "../", "~"))

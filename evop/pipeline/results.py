@@ -118,7 +118,7 @@ def build_outcome_result(
         calibration,
         outcome.seconds,
         evaluations=outcome.evaluations,
-        tokens_forwarded=None,  # counted for EvoP's GA only so far
+        tokens_forwarded=outcome.tokens,
         cheap_evaluations=outcome.cheap_evaluations,
         generations=len(outcome.history),
         stop_reason="finished",
