@@ -87,6 +87,20 @@ def test_load_texts_local_formats(tmp_path):
     assert load_texts(str(tmp_path)) == ["hello world"]
 
 
+def test_a_document_slice_splits_one_corpus_into_pool_and_held_out(tmp_path):
+    from evop.method.calibration import split_document_slice
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    assert load_texts(f"{path}[:3]") == ["doc 0", "doc 1", "doc 2"]
+    assert load_texts(f"{path}[3:]") == ["doc 3", "doc 4"]
+    assert load_texts(f"{path}[-1:]") == ["doc 4"]
+    assert split_document_slice("evop-assets:wikipedia[90:]") == ("evop-assets:wikipedia", slice(90, None))
+    assert split_document_slice("wikitext") == ("wikitext", slice(None))
+    with pytest.raises(CalibrationDataError, match="holds no text"):
+        load_texts(f"{path}[9:]")
+
+
 def test_load_texts_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
     with pytest.raises(CalibrationDataError, match="holds no text"):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from evop.cli import main
-from evop.eval.compare_spec import COMPARE_FILE, MAIN_METHODS, TABLE_FILE, CompareSpec
+from evop.eval.compare_spec import ANYTIME_PLOT, COMPARE_FILE, MAIN_METHODS, TABLE_FILE, CompareSpec
 from evop.method.fitness import PatternScorer
 from tests.tiny_models import write_docs, write_sentences
 
@@ -43,8 +43,10 @@ def write_config(tiny_dir, texts, path):
             "evopress_generations": 3,
             "evopress_offspring": 4,
             "exhaustive_limit": 100,
+            "racing_ratio": 1.5,  # EvoP races its candidates, in 3 stages of 2 blocks
+            "racing_confidence": 0.9,
         },
-        "fitness": {"batch_size": 4},
+        "fitness": {"batch_size": 2},
         "evaluation": {
             "heldout": [str(texts["news"]), str(texts["books"])],
             "block_len": 32,
@@ -60,6 +62,17 @@ def write_config(tiny_dir, texts, path):
 
 
 ARGS = ["--sparsities", "0.25,0.375", "--ablation-seeds", "0,1", "--optimum-k", "2", "--optimum-seeds", "0,1"]
+
+
+def watch_scoring(monkeypatch) -> list:
+    """Patterns the scorer forwards from now on, in full or stage by stage."""
+    calls: list = []
+    full, staged = PatternScorer.__call__, PatternScorer.stage_sums
+    monkeypatch.setattr(PatternScorer, "__call__", lambda self, p: calls.append(p) or full(self, p))
+    monkeypatch.setattr(
+        PatternScorer, "stage_sums", lambda self, p, *a, **kw: calls.append(p) or staged(self, p, *a, **kw)
+    )
+    return calls
 
 
 def test_compare_writes_every_table_and_resumes_without_rescoring(
@@ -100,6 +113,25 @@ def test_compare_writes_every_table_and_resumes_without_rescoring(
         if longer["evaluations"] >= units[f"main/evop/{sparsity}"]["evaluations"]:
             assert longer["calib_fitness"] <= units[f"main/evop/{sparsity}"]["calib_fitness"]
     assert units["dense"]["heldout_ppl"]["news"] > 0
+    assert "| geomean |" in table and "| tokens |" in table
+
+    # Cost in tokens forwarded, and the anytime curve: the best pattern so far against seconds.
+    for sparsity in (0.25, 0.375):
+        for method in MAIN_METHODS:
+            row = units[f"main/{method}/{sparsity}"]
+            assert row["tokens_forwarded"] > 0, method
+            curve = row["anytime"]
+            assert curve and curve[-1]["pattern"] == row["pattern"], method
+            seconds = [p["seconds"] for p in curve]
+            fitness = [p["calib_fitness"] for p in curve]
+            assert seconds == sorted(seconds) and fitness == sorted(fitness, reverse=True)
+            assert all(p["heldout_geomean"] > 0 for p in curve)
+        sleb = units[f"main/sleb/{sparsity}"]
+        # Greedy: only its last round holds patterns of k layers, so its curve starts late.
+        assert sleb["anytime"][0]["seconds"] > 0.5 * sleb["search_seconds"]
+        # SLEB pays every pattern in full; EvoP's cost here includes its racing stages.
+        assert sleb["tokens_forwarded"] % sleb["evaluations"] == 0
+    assert (out / ANYTIME_PLOT).stat().st_size > 0
 
     # Ablation: both samplers for both seeds, on their own calibration sets.
     for sampler in ("ccds", "random"):
@@ -119,9 +151,7 @@ def test_compare_writes_every_table_and_resumes_without_rescoring(
     assert "evaluations until found" in table
 
     # A re-run (e.g. after a crash) reads every finished result and scores nothing.
-    calls = []
-    original = PatternScorer.__call__
-    monkeypatch.setattr(PatternScorer, "__call__", lambda self, p: calls.append(p) or original(self, p))
+    calls = watch_scoring(monkeypatch)
     assert main(["compare", "--config", str(config), "--out", str(out), *ARGS]) == 0
     assert calls == []
     assert json.loads((out / COMPARE_FILE).read_text())["units"] == units
@@ -149,9 +179,7 @@ def test_compare_resumes_from_the_score_memo_after_a_crash(tiny_dir, texts, tmp_
     report = json.loads((out / COMPARE_FILE).read_text())
     # Lose the finished results but keep the memo: the re-run replays without scoring.
     (out / COMPARE_FILE).unlink()
-    calls = []
-    original = PatternScorer.__call__
-    monkeypatch.setattr(PatternScorer, "__call__", lambda self, p: calls.append(p) or original(self, p))
+    calls = watch_scoring(monkeypatch)
     assert main(args) == 0
     again = json.loads((out / COMPARE_FILE).read_text())
     # Calibration and held-out scores are in their memo files: nothing is scored again.

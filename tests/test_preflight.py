@@ -36,6 +36,9 @@ def test_dataset_names_pass_through_and_missing_files_are_named(tiny_dir, text_f
         check_search(_cfg(tiny_dir, text_file, tmp_path / "o", calibration={"dataset": missing}))
     with pytest.raises(BadInputError, match="evaluation.heldout: .*nope.txt"):
         check_run(_cfg(tiny_dir, text_file, tmp_path / "o", evaluation={"heldout": [missing]}))
+    with pytest.raises(BadInputError, match="evaluation.heldout: .*nope.txt"):
+        check_run(_cfg(tiny_dir, text_file, tmp_path / "o", evaluation={"heldout": [missing + "[3:]"]}))
+    check_run(_cfg(tiny_dir, text_file, tmp_path / "o", evaluation={"heldout": [f"{text_file}[1:]"]}))
 
 
 @pytest.mark.parametrize(

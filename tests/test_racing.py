@@ -190,15 +190,17 @@ def test_racing_in_the_pipeline_counts_tokens_into_the_result(tiny_dir, text_fil
     assert raced["history"][-1]["tokens"] == raced["tokens_forwarded"]
 
 
-def test_the_racing_benchmark_prints_the_side_by_side_table(tiny_dir, text_file, tmp_path, capsys):
+def test_the_settings_benchmark_prints_racing_against_full_scoring_over_seeds(
+    tiny_dir, text_file, tmp_path, capsys
+):
     import json
 
-    from benchmarks.racing import main
+    from benchmarks.settings import main
 
     config = {
         "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
         "calibration": {
-            "dataset": str(text_file),
+            "dataset": f"{text_file}[:-1]",  # the last document is held out
             "pool_size": 48,
             "block_len": 32,
             "n_samples": 8,
@@ -207,10 +209,16 @@ def test_the_racing_benchmark_prints_the_side_by_side_table(tiny_dir, text_file,
         },
         "search": {"num_remove": 3, "population": 6, "generations": 2, "patience": 10, "polish_rounds": 1},
         "fitness": {"batch_size": 2},
-        "evaluation": {"heldout": [str(text_file)], "block_len": 32, "max_blocks": 2},
+        "evaluation": {"heldout": [f"{text_file}[-1:]"], "block_len": 32, "max_blocks": 2},
     }
     (tmp_path / "c.yaml").write_text(json.dumps(config))
-    assert main(["--config", str(tmp_path / "c.yaml"), "--ratios", "1.05", "--out", str(tmp_path / "o")]) == 0
+    args = ["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"), "--seeds", "0,1"]
+    racing = "racing: search.racing_ratio=1.05 search.racing_confidence=0.9"
+    variants = ["--variant", "full:", "--variant", racing]
+    assert main([*args, *variants]) == 0
     table = capsys.readouterr().out
-    assert "| full |" in table and "| racing-1.05 |" in table and "fewer" in table
-    assert (tmp_path / "o" / "racing.md").is_file()
+    assert "| full seed 0 |" in table and "| racing seed 1 |" in table and "fewer" in table
+    assert "Mean +- sd over seeds 0,1" in table and "| racing | " in table and "geomean" in table
+    rows = json.loads((tmp_path / "o" / "settings.json").read_text())
+    assert [r["label"] for r in rows] == ["full seed 0", "full seed 1", "racing seed 0", "racing seed 1"]
+    assert rows[2]["result"]["tokens_forwarded"] <= rows[0]["result"]["tokens_forwarded"]

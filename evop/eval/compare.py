@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from evop.config import EvoPConfig, without_neutral_defaults
 from evop.eval.compare_judge import Judge
-from evop.eval.compare_report import render_markdown
+from evop.eval.compare_report import geomean, render_markdown
 from evop.eval.compare_spec import (
+    ANYTIME_PLOT,
     AT_SLEB_BUDGET,
     COMPARE_FILE,
     MEMO_SAVE_SECONDS,
@@ -42,10 +43,11 @@ from evop.eval.compare_spec import (
     VARIANTS,
     CompareSpec,
 )
+from evop.eval.plots import anytime_plot
 from evop.method.influence import layer_influence
 from evop.method.outcome import Outcome
-from evop.method.patterns import layers_to_remove
-from evop.method.scoring import CountingFitness, ScoreMemo
+from evop.method.patterns import Pattern, layers_to_remove
+from evop.method.scoring import CountingFitness, ScoreMemo, anytime
 from evop.records import finite_or_none, write_json_atomic
 from evop.searches import run_method
 
@@ -210,6 +212,8 @@ class Comparison:
         outcome.details["search_seconds"] = round(
             full.seconds + (cheap.seconds if cheap else 0.0) + influence_seconds[0], 2
         )
+        trace = anytime(full, k, [cheap] if cheap else [], influence_seconds[0])
+        outcome.details["anytime"] = [[round(t, 2), p, finite_or_none(f)] for t, p, f in trace]
         return outcome
 
     def row(self, outcome: Outcome, sparsity: float | None, calib: str) -> dict[str, Any]:
@@ -271,12 +275,23 @@ class Comparison:
     def _main_row(
         self, method: str, sparsity: float, k: int, calib: str, budget: int | None
     ) -> dict[str, Any]:
-        return self._guarded(
-            lambda: self.row(self.search(method, k, calib, budget=budget), sparsity, calib),
-            method,
-            sparsity,
-            k,
-        )
+
+        def compute() -> dict[str, Any]:
+            outcome = self.search(method, k, calib, budget=budget)
+            row = self.row(outcome, sparsity, calib)
+            # The anytime curve: held-out quality of the method's best pattern so far.
+            row["anytime"] = [
+                {
+                    "seconds": seconds,
+                    "pattern": pattern,
+                    "calib_fitness": fitness,
+                    "heldout_geomean": geomean(list(self.heldout(Pattern.parse(pattern)).values())),
+                }
+                for seconds, pattern, fitness in outcome.details["anytime"]
+            ]
+            return row
+
+        return self._guarded(compute, method, sparsity, k)
 
     def _guarded(self, compute, method: str, sparsity: float | None, k: int) -> dict[str, Any]:
         """A refused search (e.g. exhaustive over too many patterns) becomes a row saying why."""
@@ -335,6 +350,7 @@ class Comparison:
         if self.spec.optimum_k:
             self.run_optimum()
         self._save()
+        anytime_plot(self.report(), self.out / ANYTIME_PLOT)
         log.info("comparison finished in %.1f s -> %s", time.perf_counter() - start, self.out / TABLE_FILE)
         return self.report()
 

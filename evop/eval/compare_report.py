@@ -100,6 +100,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                 + " | ".join(cells)
                 + f" | {mean_cell} | {evals} | {_tokens(r)} | {r['search_seconds']:.0f} |"
             )
+    if any(r.get("anytime") for key, r in units.items() if key.startswith("main/")):
+        lines += [
+            "",
+            "Anytime curves (held-out geomean of each method's best pattern so far against its search "
+            "seconds): `anytime.png`.",
+        ]
     lines += _ablation_markdown(report, names, metric) + _greedy_markdown(report, names, metric)
     lines += _optimum_markdown(report)
     return "\n".join(lines) + "\n"

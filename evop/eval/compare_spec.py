@@ -44,6 +44,11 @@ COMPARE_FILE = "compare.json"
 TABLE_FILE = "compare.md"
 
 
+ANYTIME_PLOT = "anytime.png"
+"""Held-out perplexity (geometric mean over the domains) of each method's best pattern so far,
+against its search seconds: one panel per sparsity."""
+
+
 MEMO_SAVE_SECONDS = 60.0
 
 

@@ -1,4 +1,5 @@
-"""Figures of a finished search: the fitness curve and how often each layer is removed.
+"""Figures of a finished search (the fitness curve, how often each layer is removed) and of a
+comparison (the anytime curves of its methods).
 
 matplotlib is imported inside each function with the non-interactive Agg backend, so importing
 this module costs nothing and plotting works on machines without a display.
@@ -89,6 +90,42 @@ def layer_removal_frequency(population: Sequence[str], num_layers: int, path: st
         ax.set_xlabel("layer")
         ax.set_ylabel("fraction of final population removing it")
         ax.set_title(f"Layer removal frequency ({len(population)} patterns)")
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def anytime_plot(report: dict[str, Any], path: str | Path) -> Path | None:
+    """The anytime curves of a comparison (``compare.json``): for each sparsity, the held-out
+    perplexity (geometric mean over the domains) of each method's best pattern so far against
+    its search seconds, so a user sees when EvoP reaches SLEB's quality. One-shot methods are
+    single points. Nothing is written (None) before a main-table row has a curve.
+    """
+    rows = [r for key, r in report["units"].items() if key.startswith("main/") and r.get("anytime")]
+    if not rows:
+        return None
+    plt = _pyplot()
+    path = Path(path)
+    sparsities = sorted({r["sparsity"] for r in rows})
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(5 * len(sparsities), 4), squeeze=False)
+    try:
+        for ax, sparsity in zip(axes[0], sparsities, strict=True):
+            for r in (r for r in rows if r["sparsity"] == sparsity):
+                points = [(p["seconds"], p["heldout_geomean"]) for p in r["anytime"]]
+                points = [(max(t, 0.1), v) for t, v in points if v is not None]
+                if not points:
+                    continue
+                xs, ys = zip(*points, strict=True)
+                end = max(r.get("search_seconds") or 0.0, xs[-1])
+                ax.step([*xs, end], [*ys, ys[-1]], where="post", marker="o", markersize=3, label=r["method"])
+            ax.set_xscale("log")
+            ax.set_xlabel("search seconds (scoring time, the method alone)")
+            ax.set_ylabel("held-out perplexity (geometric mean)")
+            ax.set_title(f"sparsity {sparsity:.0%}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, format="png", dpi=100)
     finally:

@@ -52,6 +52,10 @@ class CountingFitness:
     adds the *first* measured cost of every pattern this method asked for, hits included: the
     time the method would have spent alone, which is what a comparison must report.
 
+    ``trace`` records, each time this method first holds a pattern's full score, ``(clock,
+    seconds so far, pattern, fitness)`` (``clock``: ``time.perf_counter()``): what
+    :func:`anytime` turns into the method's best pattern against its search seconds.
+
     Args:
         fitness: Scores one pattern (lower is better).
         memo: Shared cache of scores; a private one when None.
@@ -69,6 +73,7 @@ class CountingFitness:
         self.on_new = on_new
         self.asked: set[str] = set()
         self.seconds = 0.0
+        self.trace: list[tuple[float, float, str, float]] = []
 
     @property
     def evaluations(self) -> int:
@@ -87,6 +92,7 @@ class CountingFitness:
         if key not in self.asked:
             self.asked.add(key)
             self.seconds += cost
+            self.trace.append((time.perf_counter(), self.seconds, key, value))
         return value
 
 
@@ -139,16 +145,19 @@ class StagedCounting(CountingFitness):
             self.stages[key] = (sums, seconds)
             if self.on_new is not None:
                 self.on_new()
-        self._pay(key, stop, seconds)
+        self._pay(key, stop, seconds, lambda: finite_score(lambda _: self.fitness_of(sums), pattern))
         return sums[start:stop]
 
-    def _pay(self, key: str, stop: int, seconds: Sequence[float]) -> None:
-        """Count stages ``..stop`` of ``key`` once for this method (tokens, seconds, a pattern asked)."""
+    def _pay(self, key: str, stop: int, seconds: Sequence[float], full: Callable[[], float]) -> None:
+        """Count stages ``..stop`` of ``key`` once for this method (tokens, seconds, a pattern
+        asked); ``full()`` is its fitness once all stages are paid (for the trace)."""
         paid = self._counted.get(key, 0)
         if stop > paid:
             self.tokens += sum(self.stage_tokens[paid:stop])
             self.seconds += math.fsum(seconds[paid:stop])
             self._counted[key] = stop
+            if stop == len(self.stage_tokens):
+                self.trace.append((time.perf_counter(), self.seconds, key, full()))
         self.asked.add(key)
 
     def __call__(self, pattern: Pattern) -> float:
@@ -162,8 +171,30 @@ class StagedCounting(CountingFitness):
         value, cost = self.memo[key]
         sums, seconds = self.stages.get(key, ([], []))
         # A score memoised before stages were kept (or a diverged one) costs its full price.
-        self._pay(key, n, seconds if len(seconds) == n else [cost / n] * n)
+        self._pay(key, n, seconds if len(seconds) == n else [cost / n] * n, lambda: value)
         return value
+
+
+def anytime(
+    full: CountingFitness, k: int, others: Sequence[CountingFitness] = (), offset: float = 0.0
+) -> list[tuple[float, str, float]]:
+    """A method's best pattern of ``k`` removed layers against its search seconds, ``(seconds,
+    pattern, fitness)`` at each improvement of ``full``'s scores. The seconds add what ``full``
+    and the method's ``others`` views (EvoPress's cheap first stage) had charged by then, plus
+    ``offset`` (e.g. the Block Influence forward that came first)."""
+    views = [full, *others]
+    events = sorted(
+        (clock, i, spent, key, value)
+        for i, view in enumerate(views)
+        for clock, spent, key, value in view.trace
+    )
+    charged = [0.0] * len(views)
+    best: list[tuple[float, str, float]] = []
+    for _, i, spent, key, value in events:
+        charged[i] = spent
+        if i == 0 and Pattern.parse(key).k == k and (not best or value < best[-1][2]):
+            best.append((offset + math.fsum(charged), key, value))
+    return best
 
 
 def counting(
