@@ -188,6 +188,19 @@ def test_racing_in_the_pipeline_counts_tokens_into_the_result(tiny_dir, text_fil
     assert plain["tokens_forwarded"] == plain["evaluations"] * 8 * 32
     assert raced["tokens_forwarded"] <= plain["tokens_forwarded"]
     assert raced["history"][-1]["tokens"] == raced["tokens_forwarded"]
+    # The cluster aggregates race too: each batch holds one cluster's blocks.
+    worst = run_search(
+        build_config(
+            {
+                **base,
+                "search": {**search, "racing_ratio": 1.05, "racing_confidence": 0.9},
+                "fitness": {"batch_size": 2, "aggregate": "worst-cluster"},
+                "output_dir": str(tmp_path / "worst"),
+            }
+        )
+    )
+    assert worst["tokens_forwarded"] < worst["evaluations"] * 8 * 32  # some candidates stopped early
+    assert sum(h["raced_out"] for h in worst["history"]) > 0
 
 
 def test_the_settings_benchmark_prints_racing_against_full_scoring_over_seeds(

@@ -137,7 +137,7 @@ def build_search(
 ) -> GeneticSearch:
     """EvoP's GA: ``seeding``'s patterns first in the initial population, its prior guiding mutation;
     when ``fitness`` is scored stage by stage (a PatternScorer), tokens are counted and racing
-    (``search.racing_ratio``) is possible."""
+    (``search.racing_ratio``, ``search.racing_confidence``) is possible."""
     prior = influence_prior(seeding.block_influence) if seeding.block_influence else None
     staged = fitness if hasattr(fitness, "stage_sums") else None
     return GeneticSearch(
