@@ -125,7 +125,12 @@ def test_round_trip_on_sqlite(tmp_path, pruned, monkeypatch):
         cfg,
         result,
         str(pruned_dir),
-        {"pruned_ppl.calibration": 31.5, "dense_ppl.calibration": 20.25, "pruned_ppl.news": math.inf},
+        {
+            "pruned_ppl.calibration": 31.5,
+            "dense_ppl.calibration": 20.25,
+            "pruned_ppl.news": math.inf,
+            "pruned_ppl_wikipedia[90:]": 40.5,  # a document slice: brackets are not MLflow names
+        },
         artifacts=[str(extra)],
         tags={FLOW_RUN_TAG: "flow-123", "team": "evop"},
         final_population=population,
@@ -148,6 +153,7 @@ def test_round_trip_on_sqlite(tmp_path, pruned, monkeypatch):
     assert run.data.metrics["pruned_ppl.calibration"] == 31.5
     assert run.data.metrics["fitness"] == result["fitness"]
     assert "pruned_ppl.news" not in run.data.metrics
+    assert run.data.metrics["pruned_ppl_wikipedia_90:_"] == 40.5
     # One point per generation, step = generation.
     for name in ("best_fitness", "mean_fitness", "evaluations"):
         steps = [m.step for m in client.get_metric_history(info["run_id"], name)]

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -214,6 +215,12 @@ def _log_batches(client: "MlflowClient", run_id: str, metrics=(), params=(), tag
         client.log_batch(run_id, tags=tags[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
 
+def metric_key(name: str) -> str:
+    """``name`` with every character MLflow refuses in a metric name replaced by ``_`` (a held-out
+    document slice ``wikipedia[90:]`` becomes ``wikipedia_90:_``)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
+
+
 def _run_metrics(result: Mapping[str, Any], metrics: Mapping[str, float], now_ms: int) -> list:
     """Per-generation history (step = generation) plus the final scalars, as MLflow ``Metric``s."""
     from mlflow.entities import Metric
@@ -235,7 +242,7 @@ def _run_metrics(result: Mapping[str, Any], metrics: Mapping[str, float], now_ms
     for name, value in final.items():
         value = finite_or_none(value)
         if value is not None:
-            out.append(Metric(name, value, now_ms, 0))
+            out.append(Metric(metric_key(name), value, now_ms, 0))
         else:
             log.debug("metric %s is not finite; not logged", name)
     return out
