@@ -69,10 +69,8 @@ def run_method(
     A fitness scored stage by stage (a PatternScorer, or a :class:`StagedCounting` view of a shared
     memo) is counted in tokens forwarded too (:attr:`Outcome.tokens`), and EvoP can race with it.
     """
-    full = fitness if isinstance(fitness, CountingFitness) else counting(fitness)
-    cheap = None
-    if cheap_fitness is not None:
-        cheap = cheap_fitness if isinstance(cheap_fitness, CountingFitness) else counting(cheap_fitness)
+    full = counting(fitness)
+    cheap = None if cheap_fitness is None else counting(cheap_fitness)
     influence_tokens = [0]
     measure = influence
     if measure is not None and isinstance(full, StagedCounting):

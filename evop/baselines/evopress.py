@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from evop.method.operators import random_pattern, swap_mutation
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
-from evop.method.scoring import CountingFitness, FitnessFn
+from evop.method.scoring import FitnessFn, counting
 
 
 def evopress(
@@ -47,8 +47,8 @@ def evopress(
     if offspring < 1 or not 1 <= survivors <= offspring:
         raise ValueError(f"evopress needs 1 <= survivors ({survivors}) <= offspring ({offspring})")
     start = time.perf_counter()
-    full = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
-    cheap = cheap_fitness if isinstance(cheap_fitness, CountingFitness) else CountingFitness(cheap_fitness)
+    full = counting(fitness)
+    cheap = counting(cheap_fitness)
     candidates = removable_layers(num_layers, protected, k)
     rng = random.Random(seed)
     parent = initial or random_pattern(rng, num_layers, candidates, k)

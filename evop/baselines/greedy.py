@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
-from evop.method.scoring import CountingFitness, FitnessFn
+from evop.method.scoring import FitnessFn, counting
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def sleb(fitness: FitnessFn, num_layers: int, k: int, protected: Sequence[int] =
     """SLEB: remove one layer per round, the one whose removal gives the lowest fitness, re-scoring
     every remaining layer each round (k rounds, about k x L evaluations)."""
     start = time.perf_counter()
-    f = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
+    f = counting(fitness)
     candidates = removable_layers(num_layers, protected, k)
     removed: list[int] = []
     history = []

@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from evop.method.influence import lowest_influence
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
-from evop.method.scoring import CountingFitness, FitnessFn
+from evop.method.scoring import FitnessFn, counting
 
 
 def ppl_oneshot(fitness: FitnessFn, num_layers: int, k: int, protected: Sequence[int] = ()) -> Outcome:
     """Shortened LLaMA's PPL criterion: score every single-layer removal once, remove the k least
     harmful together (one more evaluation scores the final pattern)."""
     start = time.perf_counter()
-    f = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
+    f = counting(fitness)
     candidates = removable_layers(num_layers, protected, k)
     single = {c: f(Pattern.of(num_layers, [c])) for c in candidates}
     chosen = sorted(candidates, key=lambda c: (single[c], c))[:k]
@@ -59,7 +59,7 @@ def shortgpt(
         influence_seconds: Time it took to measure ``influence`` (added to the outcome's time).
     """
     start = time.perf_counter()
-    f = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
+    f = counting(fitness)
     pattern = lowest_influence(influence, num_layers, k, protected)
     value = f(pattern)
     history = [{"step": 1, "best_fitness": value, "best_pattern": str(pattern), "evaluations": f.evaluations}]

@@ -18,7 +18,7 @@ from evop.errors import BadInputError
 from evop.method.operators import sample_patterns
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
-from evop.method.scoring import CountingFitness, FitnessFn
+from evop.method.scoring import FitnessFn, counting
 
 
 class SearchTooLargeError(BadInputError):
@@ -32,7 +32,7 @@ def random_search(
     if budget < 1:
         raise BadInputError(f"random search needs a budget of at least 1 evaluation, got {budget}")
     start = time.perf_counter()
-    f = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
+    f = counting(fitness)
     candidates = removable_layers(num_layers, protected, k)
     rng = random.Random(seed)
     drawn = sample_patterns(rng, num_layers, candidates, k, budget)
@@ -73,7 +73,7 @@ def exhaustive(
             f"search.exhaustive_limit={limit:,}; raise the limit or pick another method"
         )
     start = time.perf_counter()
-    f = fitness if isinstance(fitness, CountingFitness) else CountingFitness(fitness)
+    f = counting(fitness)
     scores = {str(p): f(p) for p in (Pattern(num_layers, c) for c in combinations(candidates, k))}
     ranking = sorted(scores, key=lambda s: (scores[s], s))
     best = ranking[0]

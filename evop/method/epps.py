@@ -122,12 +122,12 @@ def seed_search(
                 "without it"
             )
         measured = [float(x) for x in influence()]
-    counting = CountingFitness(fitness)
-    seeds = heuristic_seeds(settings, num_layers, k, counting, measured)
+    asked = CountingFitness(fitness)  # what the seeding alone asked for, even of a shared view
+    seeds = heuristic_seeds(settings, num_layers, k, asked, measured)
     return Seeding(
         patterns=[str(p) for p in seeds],
         block_influence=measured if settings.mutation_prior == "block-influence" else None,
-        evaluations=sum(1 for p in counting.asked if Pattern.parse(p).k != k),
+        evaluations=sum(1 for p in asked.asked if Pattern.parse(p).k != k),
         seconds=round(time.perf_counter() - start, 3),
     )
 
@@ -163,7 +163,7 @@ def run_epps(
     Evaluations count every distinct pattern scored, the seeding's included.
     """
     start = time.perf_counter()
-    f = fitness if isinstance(fitness, CountingFitness) else counting(fitness)
+    f = counting(fitness)
     seeding = seed_search(settings, num_layers, k, f, influence)
     state = build_search(settings, num_layers, k, f, seeding).run()
     outcome = outcome_of_state(state, time.perf_counter() - start)

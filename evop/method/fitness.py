@@ -97,32 +97,38 @@ AGGREGATES = ("mean", "clusters", "worst-cluster")
 
 
 def aggregate_block_losses(
-    sums: Sequence[float], tokens_per_block: int, clusters: Sequence[int] | None, how: str
+    sums: Sequence[float],
+    positions: int | Sequence[int],
+    clusters: Sequence[int] | None,
+    how: str,
 ) -> float:
-    """One mean loss per token from per-block loss sums.
+    """One mean loss per position from loss sums of blocks (or of batches of one cluster each).
 
     Args:
-        sums: Summed loss (NLL or KL, nats) of each block.
-        tokens_per_block: Positions each block's sum covers.
-        clusters: The CCDS cluster of each block (needed unless ``how == "mean"``).
-        how: ``"mean"``: over all tokens; ``"clusters"``: the mean of the per-cluster means, so
+        sums: Summed loss (NLL or KL, nats) of each block or batch.
+        positions: Positions each sum covers (one number: the same for all).
+        clusters: The CCDS cluster of each sum (needed unless ``how == "mean"``).
+        how: ``"mean"``: over all positions; ``"clusters"``: the mean of the per-cluster means, so
             every cluster of the calibration text counts the same, however many blocks it has;
             ``"worst-cluster"``: the largest per-cluster mean (a pattern is as good as the domain
             it hurts most).
 
     Raises:
-        ValueError: for an unknown ``how``, or clusters that do not match the blocks.
+        ValueError: for an unknown ``how``, or clusters that do not match the sums.
     """
+    counts = [positions] * len(sums) if isinstance(positions, int) else list(positions)
     if how == "mean":
-        return math.fsum(sums) / (tokens_per_block * len(sums))
+        return math.fsum(sums) / sum(counts)
     if how not in AGGREGATES:
         raise ValueError(f"unknown fitness aggregate {how!r}; choose one of {', '.join(AGGREGATES)}")
     if clusters is None or len(clusters) != len(sums):
         raise ValueError(f"fitness.aggregate={how} needs the cluster of each of the {len(sums)} blocks")
-    per_cluster: dict[int, list[float]] = {}
-    for value, cluster in zip(sums, clusters, strict=True):
-        per_cluster.setdefault(int(cluster), []).append(value)
-    means = [math.fsum(v) / (tokens_per_block * len(v)) for _, v in sorted(per_cluster.items())]
+    per_cluster: dict[int, list[float]] = {}  # cluster -> [summed loss, positions]
+    for value, n, cluster in zip(sums, counts, clusters, strict=True):
+        loss_positions = per_cluster.setdefault(int(cluster), [0.0, 0.0])
+        loss_positions[0] += value
+        loss_positions[1] += n
+    means = [loss / n for _, (loss, n) in sorted(per_cluster.items())]
     return max(means) if how == "worst-cluster" else math.fsum(means) / len(means)
 
 
@@ -296,14 +302,9 @@ class PatternScorer:
             for value in sums:  # sequential, as earlier versions summed them (same fitness values)
                 total += value
             return self._finish(total / sum(positions[: len(sums)]))
-        per_cluster: dict[int, list[float]] = {}
-        for value, cluster, n in zip(sums, self.stage_clusters, positions, strict=False):
-            loss_positions = per_cluster.setdefault(cluster, [0.0, 0.0])
-            loss_positions[0] += value
-            loss_positions[1] += n
-        means = [loss / n for _, (loss, n) in sorted(per_cluster.items())]
+        done = len(sums)
         return self._finish(
-            max(means) if self.aggregate == "worst-cluster" else math.fsum(means) / len(means)
+            aggregate_block_losses(sums, positions[:done], self.stage_clusters[:done], self.aggregate)
         )
 
     def _finish(self, value: float) -> float:

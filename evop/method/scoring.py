@@ -169,7 +169,7 @@ class StagedCounting(CountingFitness):
             if self.on_new is not None:
                 self.on_new()
         value, cost = self.memo[key]
-        sums, seconds = self.stages.get(key, ([], []))
+        seconds = self.stages.get(key, ([], []))[1]
         # A score memoised before stages were kept (or a diverged one) costs its full price.
         self._pay(key, n, seconds if len(seconds) == n else [cost / n] * n, lambda: value)
         return value
@@ -203,7 +203,11 @@ def counting(
     stages: dict[str, tuple[list[float], list[float]]] | None = None,
     on_new: Callable[[], None] | None = None,
 ) -> CountingFitness:
-    """The counting view of ``fitness``: a :class:`StagedCounting` when it is scored stage by stage."""
+    """The counting view of ``fitness``: ``fitness`` itself when it is one already (a method given
+    a shared memo's view), else a :class:`StagedCounting` when it is scored stage by stage, else a
+    :class:`CountingFitness`."""
+    if isinstance(fitness, CountingFitness):
+        return fitness
     if hasattr(fitness, "stage_sums"):
         return StagedCounting(fitness, memo, stages, on_new)
     return CountingFitness(fitness, memo, on_new)
