@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[pipeline,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[pipeline,ray,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -344,6 +344,42 @@ def without_neutral_defaults(section: str, values: dict[str, Any]) -> dict[str, 
     return {k: v for k, v in values.items() if HASH_NEUTRAL_DEFAULTS.get((section, k), missing) != v}
 
 
+class ScaleConfig(_Section):
+    """Where candidate patterns are scored: in this process, or on a pool of Ray actors (several
+    GPUs, or CPU workers), each holding the model once. The search and its results are the same
+    whatever this section says; only the time changes."""
+
+    backend: Literal["local", "ray"] = Field(
+        "local", description="'local': score in this process; 'ray': on a pool of Ray actors."
+    )
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join ('ray://host:10001', 'auto', 'host:6379'); empty: RAY_ADDRESS "
+        "when set, else a local Ray instance on this machine.",
+    )
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="Actors in the pool; 'auto': one per visible GPU (gpus_per_worker > 0), else one "
+        "per CPU core.",
+    )
+    gpus_per_worker: float = Field(
+        0,
+        ge=0,
+        description="GPUs each actor holds; above 1 the model is split across them (a model too large "
+        "for one GPU). 0: CPU actors.",
+    )
+    threads_per_worker: int = Field(1, ge=1, description="CPU threads (torch) each actor uses.")
+    max_restarts: int = Field(
+        3, ge=0, description="Restarts of a lost actor (killed process, lost node) before it is dropped."
+    )
+
+    @model_validator(mode="after")
+    def _workers_positive(self) -> "ScaleConfig":
+        if self.workers != "auto" and self.workers < 1:
+            raise ValueError(f"workers must be 'auto' or at least 1, got {self.workers}")
+        return self
+
+
 class EvoPConfig(_Section):
     """A whole EvoP run: model, calibration, search, fitness and output."""
 
@@ -353,6 +389,7 @@ class EvoPConfig(_Section):
     fitness: FitnessConfig = Field(default_factory=FitnessConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
     output_dir: str = Field("runs/evop", description="Where result.json and the pruned model go.")
     checkpoints: str | None = Field(
         None,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from evop.method.operators import random_pattern, swap_mutation
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
-from evop.method.scoring import FitnessFn, counting
+from evop.method.scoring import FitnessFn, counting, prefetch
 
 
 def evopress(
@@ -67,7 +67,9 @@ def evopress(
                 children.setdefault(str(child), child)
         if not children:
             break
+        prefetch(cheap, list(children.values()))  # a pool of workers scores them concurrently
         staged = sorted(children.values(), key=lambda p: (cheap(p), str(p)))[:survivors]
+        prefetch(full, staged)
         best = min(staged, key=lambda p: (full(p), str(p)))
         if full(best) < parent_value:
             parent, parent_value = best, full(best)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
-from evop.method.scoring import FitnessFn, counting
+from evop.method.scoring import FitnessFn, counting, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ def sleb(fitness: FitnessFn, num_layers: int, k: int, protected: Sequence[int] =
     history = []
     best_value = math.inf
     for step in range(k):
-        scores = {c: f(Pattern.of(num_layers, [*removed, c])) for c in candidates if c not in removed}
+        patterns = {c: Pattern.of(num_layers, [*removed, c]) for c in candidates if c not in removed}
+        prefetch(f, list(patterns.values()))  # a pool of workers scores the round concurrently
+        scores = {c: f(p) for c, p in patterns.items()}
         choice = _best(scores)
         removed.append(choice)
         best_value = scores[choice]

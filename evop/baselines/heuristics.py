@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from evop.method.influence import lowest_influence
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
-from evop.method.scoring import FitnessFn, counting
+from evop.method.scoring import FitnessFn, counting, prefetch
 
 
 def ppl_oneshot(fitness: FitnessFn, num_layers: int, k: int, protected: Sequence[int] = ()) -> Outcome:
@@ -26,7 +26,9 @@ def ppl_oneshot(fitness: FitnessFn, num_layers: int, k: int, protected: Sequence
     start = time.perf_counter()
     f = counting(fitness)
     candidates = removable_layers(num_layers, protected, k)
-    single = {c: f(Pattern.of(num_layers, [c])) for c in candidates}
+    patterns = {c: Pattern.of(num_layers, [c]) for c in candidates}
+    prefetch(f, list(patterns.values()))  # a pool of workers scores them concurrently
+    single = {c: f(p) for c, p in patterns.items()}
     chosen = sorted(candidates, key=lambda c: (single[c], c))[:k]
     pattern = Pattern.of(num_layers, chosen)
     value = f(pattern)

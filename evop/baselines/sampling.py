@@ -18,7 +18,7 @@ from evop.errors import BadInputError
 from evop.method.operators import sample_patterns
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
-from evop.method.scoring import FitnessFn, counting
+from evop.method.scoring import FitnessFn, counting, prefetch
 
 
 class SearchTooLargeError(BadInputError):
@@ -36,6 +36,7 @@ def random_search(
     candidates = removable_layers(num_layers, protected, k)
     rng = random.Random(seed)
     drawn = sample_patterns(rng, num_layers, candidates, k, budget)
+    prefetch(f, drawn)
     best, best_value, history = None, math.inf, []
     for i, pattern in enumerate(drawn, 1):
         value = f(pattern)
@@ -74,7 +75,9 @@ def exhaustive(
         )
     start = time.perf_counter()
     f = counting(fitness)
-    scores = {str(p): f(p) for p in (Pattern(num_layers, c) for c in combinations(candidates, k))}
+    patterns = [Pattern(num_layers, c) for c in combinations(candidates, k)]
+    prefetch(f, patterns)
+    scores = {str(p): f(p) for p in patterns}
     ranking = sorted(scores, key=lambda s: (scores[s], s))
     best = ranking[0]
     history = [{"step": 1, "best_fitness": scores[best], "best_pattern": best, "evaluations": space}]

@@ -100,6 +100,8 @@ def outcome_of_state(state: SearchState, seconds: float) -> Outcome:
             "best_pattern": h["best_pattern"],
             "evaluations": h["evaluations"],
             "mean_fitness": h["mean_fitness"],
+            "new_evaluations": h.get("new_evaluations"),
+            "raced_out": h.get("raced_out"),
             "tokens": h.get("tokens"),
             "seconds": h.get("seconds"),
         }

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from evop.method.patterns import Pattern
-from evop.method.scoring import FitnessFn, finite_score
+from evop.method.scoring import FitnessFn, finite_score, prefetch
 
 if TYPE_CHECKING:
     from evop.config import SearchConfig
@@ -140,12 +140,17 @@ def score_candidates(
         Tokens forwarded (None when the fitness does not report them).
     """
     if staged is None or not settings.racing:
+        prefetch(fitness, fresh)  # a pool of workers scores them concurrently (else a no-op)
         for pattern in fresh:
             memo[str(pattern)] = finite_score(fitness, pattern)
         return None if staged is None else len(fresh) * sum(staged.stage_tokens)
     tokens = 0
     reference = stage_sums.get(best) if best is not None else None
     reference_fitness = memo[best] if reference is not None else math.inf
+    # A pool of workers races them all against this reference concurrently; the loop below then
+    # replays the same races from the memo, so a reference that improves mid-step changes nothing.
+    race_args = (reference, settings.racing_ratio, settings.racing_min_stages, settings.racing_confidence)
+    prefetch(staged, fresh, race_args)
     for pattern in fresh:
         key = str(pattern)
         try:

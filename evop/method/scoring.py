@@ -148,6 +148,29 @@ class StagedCounting(CountingFitness):
         self._pay(key, stop, seconds, lambda: finite_score(lambda _: self.fitness_of(sums), pattern))
         return sums[start:stop]
 
+    def prefetch(self, patterns: Sequence[Pattern], race_args: Any = None) -> None:
+        """Score ``patterns`` ahead, concurrently, when the fitness is a pool of workers
+        (:class:`~evop.method.parallel.ParallelScorer`); a no-op otherwise. ``race_args``:
+        ``(reference sums, ratio, min_stages, confidence)`` when the search races them, None to
+        score them on every stage. Nothing is charged here: the search then asks for them as
+        usual and pays when it does, as if it had scored them itself."""
+        many = getattr(self.fitness, "race_many", None)
+        if many is None:
+            return
+        n = len(self.stage_tokens)
+        known: dict[str, list[float]] = {}
+        for pattern in patterns:
+            key = str(pattern)
+            sums = self.stages.get(key, ([], []))[0]
+            if key not in self.memo and len(sums) < n:
+                known[key] = list(sums)
+        if not known:
+            return
+        for key, (sums, seconds) in many(known, race_args).items():
+            self.stages[key] = (sums, [*self.stages.get(key, ([], []))[1], *seconds])
+        if self.on_new is not None:
+            self.on_new()
+
     def _pay(self, key: str, stop: int, seconds: Sequence[float], full: Callable[[], float]) -> None:
         """Count stages ``..stop`` of ``key`` once for this method (tokens, seconds, a pattern
         asked); ``full()`` is its fitness once all stages are paid (for the trace)."""
@@ -195,6 +218,15 @@ def anytime(
         if i == 0 and Pattern.parse(key).k == k and (not best or value < best[-1][2]):
             best.append((offset + math.fsum(charged), key, value))
     return best
+
+
+def prefetch(fitness: Any, patterns: Sequence[Pattern], race_args: Any = None) -> None:
+    """Let a pool of workers score ``patterns`` ahead of a search step that is about to ask for
+    them (:meth:`StagedCounting.prefetch`); a no-op for any other fitness."""
+    while type(fitness) is CountingFitness:  # a plain count of a staged view (EvoP's seeding)
+        fitness = fitness.fitness
+    if isinstance(fitness, StagedCounting):
+        fitness.prefetch(patterns, race_args)
 
 
 def counting(

@@ -100,8 +100,13 @@ def load_tokenizer(cfg: "ModelConfig") -> Any:
     return tokenizer
 
 
-def load_model(cfg: "ModelConfig") -> tuple["nn.Module", Any]:
+def load_model(cfg: "ModelConfig", device_map: str | None = None) -> tuple["nn.Module", Any]:
     """Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
+
+    Args:
+        cfg: The model section.
+        device_map: ``"auto"`` splits the layers over every visible GPU (a model too large for
+            one; Accelerate's placement) instead of moving it to ``cfg.device``.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode on the resolved device and dtype, the
@@ -118,12 +123,14 @@ def load_model(cfg: "ModelConfig") -> tuple["nn.Module", Any]:
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_load_kwargs(cfg))
+        extra = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_load_kwargs(cfg), **extra)
     except (OSError, ValueError) as err:
         raise _load_error(cfg, err) from err
     if cfg.gguf_file:
         forget_quantization(model)
-    model.to(device)
+    if not device_map:
+        model.to(device)
     model.eval()
     layer_access(model)  # fail early, before any heavy work, on an unknown family
     log.info(

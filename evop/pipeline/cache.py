@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 _MODELS: dict[str, tuple[Any, Any]] = {}
 _SCORERS: dict[str, "PatternScorer"] = {}
+_POOLS: list[Any] = []  # Ray pools behind scorers (scale.backend: ray)
 
 
 def cached_model(cfg: EvoPConfig) -> tuple[Any, Any]:
@@ -45,11 +46,27 @@ def cached_scorer(run: RunStore) -> "PatternScorer":
             )
         model, _ = cached_model(run.cfg)
         clusters = (run.get_json(SAMPLE) or {}).get("clusters") or None  # each block's CCDS cluster
-        _SCORERS[key] = PatternScorer.from_config(model, blocks, run.cfg.fitness, clusters)
+        scorer = PatternScorer.from_config(model, blocks, run.cfg.fitness, clusters)
+        if run.cfg.scale.backend == "ray":
+            scorer = parallel_scorer(run.cfg, scorer, blocks, clusters)
+        _SCORERS[key] = scorer
     return _SCORERS[key]
 
 
+def parallel_scorer(cfg: EvoPConfig, local: "PatternScorer", blocks: Any, clusters: Any) -> Any:
+    """``local``'s patterns scored on a pool of Ray actors (``cfg.scale``), the pool started once
+    per process and kept with the scorer."""
+    from evop.method.parallel import ParallelScorer, RayPool
+
+    pool = RayPool(cfg.scale, cfg.model, blocks, cfg.fitness, clusters)
+    _POOLS.append(pool)
+    return ParallelScorer(local, pool)
+
+
 def forget_models() -> None:
-    """Drop the process-wide model cache (tests; freeing GPU memory)."""
+    """Drop the process-wide model cache and stop the Ray pools (tests; freeing GPU memory)."""
+    for pool in _POOLS:
+        pool.shutdown()
+    _POOLS.clear()
     _MODELS.clear()
     _SCORERS.clear()

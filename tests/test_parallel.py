@@ -1,0 +1,143 @@
+"""The Ray pool (``scale.backend: ray``) on a local Ray instance with CPU actors and a tiny random
+model: the same searches as in one process, through a killed actor too, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from evop.config import FitnessConfig, ModelConfig, ScaleConfig, SearchConfig
+
+ray = pytest.importorskip("ray")
+
+
+def test_an_unreachable_ray_address_is_one_clear_error():
+    from evop.errors import BadInputError
+    from evop.method.parallel import connect
+
+    assert not ray.is_initialized()  # runs before the module's local instance starts
+    with pytest.raises(BadInputError, match=r"cannot reach the Ray cluster at scale.address='127.0.0.1:1'"):
+        connect(ScaleConfig(backend="ray", address="127.0.0.1:1"))
+    with pytest.raises(BadInputError, match="not host:port"):
+        connect(ScaleConfig(backend="ray", address="nowhere"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir):
+    """The model section, the loaded model, calibration blocks (4 stages of 2 blocks) and fitness."""
+    from evop.models.loading import load_model
+    from tests.tiny_models import random_blocks
+
+    model_cfg = ModelConfig(name_or_path=str(tiny_dir), device="cpu", dtype="float32")
+    model, _ = load_model(model_cfg)
+    return model_cfg, model, random_blocks(n=8, length=16), FitnessConfig(batch_size=2)
+
+
+def scorer_of(setup, pool=None):
+    from evop.method.fitness import PatternScorer
+    from evop.method.parallel import ParallelScorer
+
+    _, model, blocks, fitness = setup
+    local = PatternScorer.from_config(model, blocks, fitness)
+    return local if pool is None else ParallelScorer(local, pool)
+
+
+@pytest.fixture(scope="module")
+def pool(local_ray, setup):
+    """Two CPU actors, started once for the module (an actor's start is most of a test's time)."""
+    from evop.method.parallel import RayPool
+
+    model_cfg, _, blocks, fitness = setup
+    pool = RayPool(ScaleConfig(backend="ray", workers=2), model_cfg, blocks, fitness)
+    yield pool
+    pool.shutdown()
+
+
+def evop_settings(**overrides) -> SearchConfig:
+    values = dict(
+        num_remove=2,
+        population=6,
+        generations=3,
+        patience=3,
+        polish_rounds=2,
+        seed=0,
+        initial_patterns=["ppl-oneshot"],
+        mutation_prior="none",
+        racing_ratio=1.05,
+        racing_confidence=0.9,
+    )
+    values.update(overrides)
+    return SearchConfig(**values)
+
+
+def run(method: str, fitness, settings: SearchConfig):
+    from evop.searches import run_method
+
+    return run_method(settings.model_copy(update={"method": method}), 8, 2, fitness)
+
+
+def same_search(a, b):
+    """Same final pattern and the same history (patterns, evaluations, tokens), fitness within
+    float tolerance (the actors run 1 thread, this process more: the sums may differ in the last bits)."""
+    assert str(a.pattern) == str(b.pattern)
+    assert a.evaluations == b.evaluations and a.tokens == b.tokens
+    assert a.fitness == pytest.approx(b.fitness, rel=1e-5)
+    keys = ("best_pattern", "evaluations", "new_evaluations", "tokens", "raced_out")
+    assert [{k: h.get(k) for k in keys} for h in a.history] == [
+        {k: h.get(k) for k in keys} for h in b.history
+    ]
+
+
+@pytest.mark.parametrize("method", ["evop", "sleb"])
+def test_two_ray_workers_search_as_one_process(pool, setup, method):
+    settings = evop_settings()
+    alone = run(method, scorer_of(setup), settings)
+    races, tokens = pool.jobs["race"], pool.tokens
+    parallel = run(method, scorer_of(setup, pool), settings)
+    assert pool.workers == 2 and len(set(pool.pids())) == 2
+    # Scored ahead on the actors (each step's patterns at once), not one by one here.
+    assert pool.jobs["race"] > races and pool.tokens - tokens >= alone.tokens
+    if method == "evop":
+        assert any(h["raced_out"] for h in alone.history)  # the races were replayed too
+    same_search(alone, parallel)
+
+
+def test_a_killed_worker_is_restarted_and_the_search_ends_the_same(pool, setup):
+    settings = evop_settings(seed=3)
+    alone = run("evop", scorer_of(setup), settings)
+    killed: list[int] = []
+
+    def kill_one(done: int, asked: int) -> None:  # once, while a generation is in flight
+        if not killed and done == 1 and asked > 2:
+            pid = pool.pids()[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    pool.on_result = kill_one
+    try:
+        parallel = run("evop", scorer_of(setup, pool), settings)
+    finally:
+        pool.on_result = None
+    assert killed and killed[0] not in pool.pids()  # a restarted process took its place
+    same_search(alone, parallel)
+
+
+def test_auto_workers_follow_the_cluster_resources():
+    from evop.method.parallel import resolve_workers
+
+    assert resolve_workers(ScaleConfig(), {"CPU": 16.0}) == 16
+    assert resolve_workers(ScaleConfig(threads_per_worker=4), {"CPU": 16.0}) == 4
+    assert resolve_workers(ScaleConfig(gpus_per_worker=1), {"CPU": 64.0, "GPU": 8.0}) == 8
+    assert resolve_workers(ScaleConfig(gpus_per_worker=2), {"CPU": 64.0, "GPU": 8.0}) == 4
+    assert resolve_workers(ScaleConfig(workers=3), {"CPU": 1.0}) == 3
+    with pytest.raises(ValueError, match="at least 1"):
+        ScaleConfig(workers=0)
