@@ -95,6 +95,11 @@ def gpu_slot():
     return concurrency(name, occupy=1)
 
 
+def _rate(count: int | None, seconds: float) -> float | None:
+    """Throughput of a generation (None when unknown or instantaneous)."""
+    return None if count is None or seconds <= 0 else round(count / seconds, 2)
+
+
 def _artifact_key(config: EvoPConfig, what: str) -> str:
     return f"evop-{what}-{config.search_hash()}"  # lowercase letters, digits and dashes only
 
@@ -157,6 +162,9 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
                     "tokens forwarded": entry.get("tokens"),
                     "raced out": entry.get("raced_out"),
                     "seconds": round(entry["seconds"], 2),
+                    "workers": entry.get("workers", 1),
+                    "patterns/s": _rate(entry.get("new_evaluations"), entry["seconds"]),
+                    "tokens/s": _rate(entry.get("new_tokens"), entry["seconds"]),
                     "checkpoint seconds": round(entry["checkpoint_seconds"], 3),
                     "best pattern": entry["best_pattern"],
                 }

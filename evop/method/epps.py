@@ -139,6 +139,9 @@ def build_search(
     when ``fitness`` is scored stage by stage (a PatternScorer), tokens are counted and racing
     (``search.racing_ratio``, ``search.racing_confidence``) is possible."""
     prior = influence_prior(seeding.block_influence) if seeding.block_influence else None
+    # A staged scorer is seen through a StagedCounting view: with a pool of workers behind it,
+    # that view is what lets each step's candidates be scored ahead, concurrently.
+    fitness = counting(fitness)
     staged = fitness if hasattr(fitness, "stage_sums") else None
     return GeneticSearch(
         num_layers,

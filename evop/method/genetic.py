@@ -162,6 +162,7 @@ class GeneticSearch:
             "best_pattern": new.best,
             "phase": "polish" if polishing else "ga",
             "tokens": new.tokens,
+            "new_tokens": tokens,
             "raced_out": sum(1 for p in fresh if self._partial(str(p), stage_sums)),
         }
         new.history.append(entry)

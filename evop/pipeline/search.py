@@ -191,8 +191,11 @@ def run_generation(cfg: EvoPConfig, generation: int) -> dict[str, Any]:
         checkpoint_seconds = time.perf_counter() - start
         log.info("checkpointed generation %d in %.3f s -> %s", state.generation, checkpoint_seconds, url)
     entry = next((h for h in state.history if h["generation"] == generation), state.history[-1])
+    pool = getattr(cached_scorer(run), "pool", None) if search is not None else None
     return {
         **entry,
+        # Actors that scored it (scale.backend: ray), 1 in this process, None: read from the store.
+        "workers": None if search is None else pool.workers if pool is not None else 1,
         "done": state.done,
         "stop_reason": state.stop_reason,
         "total_evaluations": state.evaluations,
