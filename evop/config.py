@@ -369,6 +369,9 @@ class ScaleConfig(_Section):
         "for one GPU). 0: CPU actors.",
     )
     threads_per_worker: int = Field(1, ge=1, description="CPU threads (torch) each actor uses.")
+    start_timeout_s: float = Field(
+        600, gt=0, description="Seconds for every actor to start (load the model) before the pool fails."
+    )
     max_restarts: int = Field(
         3, ge=0, description="Restarts of a lost actor (killed process, lost node) before it is dropped."
     )

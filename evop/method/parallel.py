@@ -197,7 +197,8 @@ class RayPool:
             max_restarts=scale.max_restarts,
             max_task_retries=scale.max_restarts,
         )
-        blocks_ref = ray.put(blocks.cpu())
+        # Kept for the pool's life: a restarted actor is built again from these arguments.
+        self._blocks = blocks_ref = ray.put(blocks.cpu())
         model_json = model.model_dump(mode="json")
         fitness_json = fitness.model_dump(mode="json")
         split = scale.gpus_per_worker > 1
@@ -206,11 +207,28 @@ class RayPool:
             actor.remote(model_json, blocks_ref, fitness_json, clusters, scale.threads_per_worker, split)
             for _ in range(self.workers)
         ]
+        self._wait_started(ray, scale)
         self.on_result = on_result
         self.jobs: Counter[str] = Counter()  # jobs finished by method, over the pool's life
         self.seconds = 0.0  # wall seconds spent waiting on the pool
         self.tokens = 0  # tokens forwarded by the actors, ahead-of-need stages included
         log.info("Ray pool of %d workers (%s)", self.workers, ray.get_runtime_context().gcs_address)
+
+    def _wait_started(self, ray: Any, scale: "ScaleConfig") -> None:
+        """Every actor up (its model loaded), or a clear error when the cluster cannot place them."""
+        refs = [a.pid.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=scale.start_timeout_s)
+        if len(ready) < len(refs):
+            free = ray.available_resources()
+            self.shutdown()
+            raise ScaleError(
+                f"only {len(ready)} of {self.workers} Ray workers started within "
+                f"scale.start_timeout_s={scale.start_timeout_s:g}: each needs "
+                f"{scale.threads_per_worker} CPU and {scale.gpus_per_worker:g} GPU, the cluster has "
+                f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free (lower scale.workers, "
+                "or workers: auto)"
+            )
+        ray.get(ready)  # an actor that failed to load its model raises its error here
 
     def run(self, method: str, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
         """``method(*args)`` of some actor for each ``args`` of ``calls``, at most one call in
