@@ -412,3 +412,16 @@ def test_a_wrong_repo_dir_crashes_the_run_as_the_guide_says(deployed, tmp_path):
         "FileNotFoundError: [Errno 2] No such file or directory: PosixPath('/opt/evop')",
     ):
         assert quoted in GUIDE, quoted
+
+
+def test_the_ray_cluster_manifest_matches_the_image_ray():
+    """KubeRay's rayVersion is the Ray the image installs (driver and cluster must match), and the
+    workers ask for a GPU each."""
+    manifest = yaml.safe_load((ROOT / "infra" / "ray" / "raycluster.yaml").read_text())
+    pins = dict(
+        line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line
+    )
+    assert manifest["kind"] == "RayCluster" and manifest["spec"]["rayVersion"] == pins["ray"]
+    worker = manifest["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert '".[pipeline,ray]"' in (ROOT / "infra" / "Dockerfile").read_text()
