@@ -74,14 +74,24 @@ def cmd_search(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from evop.pipeline.local import run_search
+    from evop.pipeline.progress import SearchProgress, total_steps
     from evop.pipeline.results import RESULT_FILE
 
     cfg = _load_cfg(args)
-    bar = tqdm(total=cfg.search.generations + 1, desc="EPPS generations", unit="gen", disable=args.quiet)
+    steps = total_steps(cfg.search)
+    bar = tqdm(total=steps, desc="EPPS steps", unit="step", disable=args.quiet)
+    tracker = SearchProgress(steps)
 
     def progress(entry: dict[str, Any]) -> None:
-        bar.n = entry["generation"] + 1
-        bar.set_postfix(best=f"{entry['best_fitness']:.4g}", evals=entry["total_evaluations"])
+        tracker.update(entry)
+        bar.n = tracker.done
+        rate, eta = tracker.patterns_per_s, tracker.eta_seconds
+        bar.set_postfix(
+            best=f"{entry['best_fitness']:.4g}",
+            evals=entry["total_evaluations"],
+            **({"patterns/s": f"{rate:.2f}"} if rate is not None else {}),
+            **({"eta<=": f"{eta / 60:.1f}min"} if eta is not None else {}),
+        )
         bar.refresh()
 
     try:

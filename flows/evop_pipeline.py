@@ -30,6 +30,7 @@ from prefect.context import get_run_context
 from evop.config import EvoPConfig
 from evop.errors import BadInputError
 from evop.pipeline.evaluation import final_metrics
+from evop.pipeline.progress import SearchProgress, total_steps
 from evop.pipeline.store import RunStore
 from evop.records import format_number
 from tasks.calibration import check_config, embed_pool, sample_calibration_set, segment_dataset
@@ -139,7 +140,8 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
         else:
             status = search_status(config)
         # Polish rounds come after the GA's generations and are counted like them.
-        total = config.search.generations + 1 + config.search.polish_rounds
+        total = total_steps(config.search)
+        tracker = SearchProgress(total, done=status["generation"] + 1)
         progress_id = create_progress_artifact(
             progress=100.0 if status["done"] else 100.0 * (status["generation"] + 1) / total,
             key=_artifact_key(config, "progress"),
@@ -170,7 +172,10 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
                 }
             )
             done = entry["done"]
-            update_progress_artifact(progress_id, 100.0 if done else 100.0 * (generation + 1) / total)
+            tracker.update(entry)
+            update_progress_artifact(
+                progress_id, 100.0 if done else 100.0 * tracker.fraction, description=tracker.describe()
+            )
             create_table_artifact(
                 rows, key=_artifact_key(config, "generations"), description="EPPS generations of this run"
             )

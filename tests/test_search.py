@@ -447,3 +447,17 @@ def test_layer_prior_is_validated():
         GeneticSearch(16, 4, search_config(), hashed_fitness, layer_prior=[0.5] * 15)
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         GeneticSearch(16, 4, search_config(), hashed_fitness, layer_prior=[0.0] * 16)
+
+
+def test_search_progress_rates_and_an_upper_bound_of_the_time_left():
+    from evop.pipeline.progress import SearchProgress
+
+    progress = SearchProgress(total_steps=10, done=2)  # two steps read from checkpoints
+    assert progress.eta_seconds is None and progress.patterns_per_s is None
+    progress.update({"generation": 2, "seconds": 4.0, "new_evaluations": 8, "new_tokens": 4096})
+    progress.update({"generation": 3, "seconds": 6.0, "new_evaluations": 12, "new_tokens": 6144})
+    assert progress.done == 4 and progress.fraction == 0.4
+    assert progress.patterns_per_s == 2.0 and progress.tokens_per_s == 1024.0
+    assert progress.eta_seconds == 6 * 5.0  # 6 steps left at the mean 5 s of the 2 timed here
+    expected = "step 4 of at most 10 · 2.00 patterns/s · 1,024 tokens/s · at most 0m30s left"
+    assert progress.describe() == expected
