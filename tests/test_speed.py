@@ -77,6 +77,66 @@ def test_compare_speed_counts_ratios_and_ideal(pair):
     table = format_speed_table(report)
     assert table.startswith("| metric | dense | pruned |")
     assert "decode tokens/s" in table and "1.33x" in table
+    for key in ("prefill_speedup", "decode_speedup"):  # one interval per phase, around the ratio's pairs
+        lo, hi = report["intervals"][key]
+        assert 0 < lo <= hi
+    assert report["above_ideal"] == [k for k in ("prefill_speedup", "decode_speedup") if r[k] > 8 / 6]
+
+
+def test_speedup_interval_of_paired_runs_and_the_above_ideal_warning():
+    from evop.eval.speed import speedup_interval
+
+    assert speedup_interval([2.0, 4.0, 1.0], [1.0, 2.0, 0.5]) == pytest.approx([2.0, 2.0])  # drift cancels
+    lo, hi = speedup_interval([2.0, 2.2, 1.8, 2.0], [1.0, 1.0, 1.0, 1.0])
+    assert lo < 2.0 < hi and speedup_interval([2.0], [1.0]) is None
+    metrics = {
+        "num_layers": 8,
+        "params": 10,
+        "decoder_params": 8,
+        "prefill_tokens_per_s": 1.0,
+        "decode_tokens_per_s": 1.0,
+        "weights_bytes": 40,
+        "peak_memory_bytes": None,
+        "device": "cpu",
+        "dtype": "float32",
+        "runs": 8,
+    }
+    report = {
+        "dense": metrics,
+        "pruned": {**metrics, "num_layers": 6, "decoder_params": 6, "params": 8, "weights_bytes": 32},
+        "ratios": {
+            "prefill_speedup": 1.20,
+            "decode_speedup": 1.40,
+            "params": 0.8,
+            "decoder_params": 0.75,
+            "weights_memory": 0.8,
+            "peak_memory": None,
+        },
+        "ideal": {"compute": 8 / 6, "params": 8 / 6},
+        "measured_vs_ideal": 1.05,
+        "intervals": {"prefill_speedup": [1.1, 1.3], "decode_speedup": [1.3, 1.5]},
+        "above_ideal": ["decode_speedup"],
+        "input": {"batch_size": 1, "prompt_len": 16, "new_tokens": 3},
+    }
+    table = format_speed_table(report)
+    assert "1.40x [1.30-1.50] (!)" in table and "1.20x [1.10-1.30] |" in table
+    assert "warning: the decode speedup is above the ideal 1.33x" in table
+
+
+def test_speed_is_measured_once_per_pattern_and_read_back(tiny_dir, text_file, tmp_path):
+    """One record: a second run reads the first measurement (result.json and MLflow agree)."""
+    pytest.importorskip("prefect")
+    from evop import pipeline
+    from evop.pipeline.local import run_search
+    from tests.test_pipeline import make_cfg
+
+    evaluation = {"speed": True, "speed_runs": 2, "prompt_len": 8, "new_tokens": 2}
+    cfg = make_cfg(tiny_dir, text_file, tmp_path, evaluation=evaluation, generations=1)
+    pruned = pipeline.prune_model(cfg, run_search(cfg))
+    first = pipeline.measure_speed(cfg, pruned)
+    assert pipeline.measure_speed(cfg, pruned) == first
+    other = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"speed_runs": 3})})
+    assert pipeline.measure_speed(other, pruned)["dense"]["runs"] == 3  # other settings: measured anew
 
 
 def test_batch_size_two_and_identical_inputs(pair, monkeypatch):

@@ -364,12 +364,23 @@ def compare_speed(
         "peak_memory": _ratio(pruned["peak_memory_bytes"], dense["peak_memory_bytes"]),
     }
     decode = ratios["decode_speedup"]
+    intervals = {
+        f"{phase}_speedup": speedup_interval(
+            [d[f"{phase}_s"] for d in timings["dense"]], [p[f"{phase}_s"] for p in timings["pruned"]]
+        )
+        for phase in ("prefill", "decode")
+    }
+    # Removing layers cannot beat L / (L - k): the embedding and LM head are not pruned. A speed-up
+    # above it is noise or a biased measurement, flagged instead of reported as a win.
+    above_ideal = [k for k in ("prefill_speedup", "decode_speedup") if (ratios[k] or 0) > ideal["compute"]]
     report = {
         "dense": dense,
         "pruned": pruned,
         "ratios": ratios,
         "ideal": ideal,
         "measured_vs_ideal": decode / ideal["compute"] if decode else None,
+        "intervals": intervals,
+        "above_ideal": above_ideal,
         "input": {"batch_size": ids.shape[0], "prompt_len": ids.shape[1], "new_tokens": new_tokens},
     }
     log.info(
@@ -381,6 +392,22 @@ def compare_speed(
         num_dense,
     )
     return report
+
+
+def speedup_interval(
+    dense_s: Sequence[float], pruned_s: Sequence[float], confidence: float = 0.95
+) -> list[float] | None:
+    """Confidence interval of the speed-up (dense / pruned time) from runs taken pair by pair: a
+    t-interval of the mean log ratio, so a slow moment of the machine that hits both runs of a
+    pair cancels out (None with fewer than 2 pairs)."""
+    logs = [math.log(d / p) for d, p in zip(dense_s, pruned_s, strict=True) if d > 0 and p > 0]
+    if len(logs) < 2:
+        return None
+    from scipy.stats import t
+
+    mean = statistics.fmean(logs)
+    half = t.ppf(0.5 + confidence / 2, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return [math.exp(mean - half), math.exp(mean + half)]
 
 
 def _num(x: float | None, fmt: str = "{:,.1f}") -> str:
@@ -418,13 +445,13 @@ def format_speed_table(report: dict[str, Any]) -> str:
             "prefill tokens/s",
             _num(dense["prefill_tokens_per_s"]),
             _num(pruned["prefill_tokens_per_s"]),
-            _num(ratios["prefill_speedup"], x),
+            _speedup(report, "prefill_speedup"),
         ),
         (
             "decode tokens/s",
             _num(dense["decode_tokens_per_s"]),
             _num(pruned["decode_tokens_per_s"]),
-            _num(ratios["decode_speedup"], x),
+            _speedup(report, "decode_speedup"),
         ),
         (
             "weights memory",
@@ -455,6 +482,21 @@ def format_speed_table(report: dict[str, Any]) -> str:
         f"measured decode speed-up / ideal: {_num(report['measured_vs_ideal'], '{:.2f}')}",
         f"{dense['device']}, {dense['dtype']}, batch {report['input']['batch_size']}, "
         f"prompt {report['input']['prompt_len']} tokens, {report['input']['new_tokens']} new tokens, "
-        f"median of {dense['runs']} runs",
+        f"median of {dense['runs']} interleaved runs (95% interval of the speed-up in brackets)",
     ]
+    for key in report.get("above_ideal", []):
+        lines.append(
+            f"warning: the {key.replace('_', ' ')} is above the ideal {ideal['compute']:.2f}x, which "
+            "removing layers cannot beat (embedding and LM head stay): noise or a biased measurement; "
+            "measure again on idle cores with more runs (evaluation.speed_runs)"
+        )
     return "\n".join(lines)
+
+
+def _speedup(report: dict[str, Any], key: str) -> str:
+    """``1.23x [1.18-1.27]``, with ``(!)`` when above the ideal."""
+    text = _num(report["ratios"][key], "{:.2f}x")
+    interval = report.get("intervals", {}).get(key)
+    if interval:
+        text += f" [{interval[0]:.2f}-{interval[1]:.2f}]"
+    return text + (" (!)" if key in report.get("above_ideal", []) else "")

@@ -2,10 +2,10 @@
 
 :func:`prune_model` saves the pruned checkpoint once. :func:`evaluate_perplexity`,
 :func:`score_downstream` and :func:`measure_speed` compare it with the dense model (perplexity and
-lm-eval scores are kept in the run's store and reused; speed is measured anew each time and stored
-only for the record). :func:`write_report` adds the evaluation and the plots to
-``<output_dir>/result.json``, and :func:`register_model` logs the run to MLflow with the flat
-metrics of :func:`final_metrics` and registers the pruned model.
+lm-eval scores and speed are kept in the run's store and reused, so ``result.json`` and MLflow
+always hold the same figures; ``evop bench`` measures speed again). :func:`write_report` adds the
+evaluation and the plots to ``<output_dir>/result.json``, and :func:`register_model` logs the run
+to MLflow with the flat metrics of :func:`final_metrics` and registers the pruned model.
 """
 
 from __future__ import annotations
@@ -135,6 +135,15 @@ def measure_speed(cfg: EvoPConfig, pruned_dir: str) -> dict[str, Any] | None:
     e = cfg.evaluation
     if not e.speed:
         return None
+    # A finished step like the others: measured once per pruned pattern and settings, then read
+    # back, so result.json and MLflow hold the same figures. Re-measure with `evop bench`.
+    run = RunStore(cfg)
+    name = _evaluation_name(
+        "speed", pruned_dir, e.model_dump_json(include={"speed_runs", "prompt_len", "new_tokens"})
+    )
+    saved = run.get_json(name)
+    if saved is not None:
+        return saved
     dense_model, tokenizer = cached_model(cfg)
     report = compare_speed(
         dense_model,
@@ -145,9 +154,7 @@ def measure_speed(cfg: EvoPConfig, pruned_dir: str) -> dict[str, Any] | None:
         runs=e.speed_runs,
     )
     add_checkpoint_sizes(report, cfg.model.name_or_path, pruned_dir)
-    # Timings are measurements of this machine now: stored for the record, never reused.
-    run = RunStore(cfg)
-    run.put_json(_evaluation_name("speed", pruned_dir, str(time.time())), report)
+    run.put_json(name, report)
     return report
 
 
@@ -216,6 +223,10 @@ def final_metrics(
         out["speed_ideal"] = speed["ideal"]["compute"]
         if speed.get("measured_vs_ideal") is not None:
             out["speed_measured_vs_ideal"] = speed["measured_vs_ideal"]
+        for name, interval in (speed.get("intervals") or {}).items():
+            if interval:
+                out[f"speed_{name}_low"], out[f"speed_{name}_high"] = interval
+        out["speed_above_ideal"] = float(bool(speed.get("above_ideal")))  # 1: not to be trusted
         out["dense_params"] = speed["dense"]["params"]
         out["pruned_params"] = speed["pruned"]["params"]
     return out
