@@ -12,6 +12,8 @@ from evop.config import FitnessConfig, ModelConfig, ScaleConfig, SearchConfig
 
 ray = pytest.importorskip("ray")
 
+CLUSTERS = [0, 1, 0, 1, 2, 2, 0, 1]  # each calibration block's CCDS cluster
+
 
 def test_an_unreachable_ray_address_is_one_clear_error():
     from evop.errors import BadInputError
@@ -34,13 +36,15 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def setup(tiny_dir):
-    """The model section, the loaded model, calibration blocks (4 stages of 2 blocks) and fitness."""
+    """The model section, the loaded model, calibration blocks of 3 clusters (a batch of 2 per
+    stage, one cluster each) and the fitness: the mean of the per-cluster losses."""
     from evop.models.loading import load_model
     from tests.tiny_models import random_blocks
 
     model_cfg = ModelConfig(name_or_path=str(tiny_dir), device="cpu", dtype="float32")
     model, _ = load_model(model_cfg)
-    return model_cfg, model, random_blocks(n=8, length=16), FitnessConfig(batch_size=2)
+    fitness = FitnessConfig(batch_size=2, aggregate="clusters")
+    return model_cfg, model, random_blocks(n=8, length=16), fitness
 
 
 def scorer_of(setup, pool=None):
@@ -48,7 +52,7 @@ def scorer_of(setup, pool=None):
     from evop.method.parallel import ParallelScorer
 
     _, model, blocks, fitness = setup
-    local = PatternScorer.from_config(model, blocks, fitness)
+    local = PatternScorer.from_config(model, blocks, fitness, CLUSTERS)
     return local if pool is None else ParallelScorer(local, pool)
 
 
@@ -58,7 +62,7 @@ def pool(local_ray, setup):
     from evop.method.parallel import RayPool
 
     model_cfg, _, blocks, fitness = setup
-    pool = RayPool(ScaleConfig(backend="ray", workers=2), model_cfg, blocks, fitness)
+    pool = RayPool(ScaleConfig(backend="ray", workers=2), model_cfg, blocks, fitness, CLUSTERS)
     yield pool
     pool.shutdown()
 
@@ -80,10 +84,11 @@ def evop_settings(**overrides) -> SearchConfig:
     return SearchConfig(**values)
 
 
-def run(method: str, fitness, settings: SearchConfig):
+def run(method: str, scorer, settings: SearchConfig):
     from evop.searches import run_method
 
-    return run_method(settings.model_copy(update={"method": method}), 8, 2, fitness)
+    cheap = scorer.first_blocks(0.5) if method == "evopress" else None
+    return run_method(settings.model_copy(update={"method": method}), 8, 2, scorer, cheap)
 
 
 def same_search(a, b):
@@ -98,9 +103,9 @@ def same_search(a, b):
     ]
 
 
-@pytest.mark.parametrize("method", ["evop", "sleb"])
+@pytest.mark.parametrize("method", ["evop", "sleb", "ppl-oneshot", "random", "exhaustive", "evopress"])
 def test_two_ray_workers_search_as_one_process(pool, setup, method):
-    settings = evop_settings()
+    settings = evop_settings(budget=10, evopress_generations=3, evopress_offspring=4)
     alone = run(method, scorer_of(setup), settings)
     races, tokens = pool.jobs["race"], pool.tokens
     parallel = run(method, scorer_of(setup, pool), settings)

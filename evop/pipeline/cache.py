@@ -46,9 +46,13 @@ def cached_scorer(run: RunStore) -> "PatternScorer":
             )
         model, _ = cached_model(run.cfg)
         clusters = (run.get_json(SAMPLE) or {}).get("clusters") or None  # each block's CCDS cluster
-        scorer = PatternScorer.from_config(model, blocks, run.cfg.fitness, clusters)
-        if run.cfg.scale.backend == "ray":
-            scorer = parallel_scorer(run.cfg, scorer, blocks, clusters)
+        fitness = run.cfg.fitness
+        if run.cfg.scale.backend == "ray":  # the actors score; here only the layout is read
+            no_cache = fitness.model_copy(update={"prefix_cache_mb": 0})
+            local = PatternScorer.from_config(model, blocks, no_cache, clusters)
+            scorer = parallel_scorer(run.cfg, local, blocks, clusters)
+        else:
+            scorer = PatternScorer.from_config(model, blocks, fitness, clusters)
         _SCORERS[key] = scorer
     return _SCORERS[key]
 
