@@ -78,20 +78,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     from evop.pipeline.results import RESULT_FILE
 
     cfg = _load_cfg(args)
-    steps = total_steps(cfg.search)
-    bar = tqdm(total=steps, desc="EPPS steps", unit="step", disable=args.quiet)
-    tracker = SearchProgress(steps)
+    tracker = SearchProgress(total_steps(cfg.search))
+    bar = tqdm(total=tracker.total_steps, desc="EPPS steps", unit="step", disable=args.quiet)
 
     def progress(entry: dict[str, Any]) -> None:
         tracker.update(entry)
         bar.n = tracker.done
-        rate, eta = tracker.patterns_per_s, tracker.eta_seconds
-        bar.set_postfix(
-            best=f"{entry['best_fitness']:.4g}",
-            evals=entry["total_evaluations"],
-            **({"patterns/s": f"{rate:.2f}"} if rate is not None else {}),
-            **({"eta<=": f"{eta / 60:.1f}min"} if eta is not None else {}),
-        )
+        bar.set_postfix(tracker.postfix(entry))
         bar.refresh()
 
     try:
@@ -297,7 +290,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import copy
 
     from evop.config import ModelConfig
-    from evop.eval.speed import add_checkpoint_sizes, compare_speed, format_speed_table
+    from evop.eval.speed import add_checkpoint_sizes, compare_speed
+    from evop.eval.speed_report import format_speed_table
     from evop.method.patterns import Pattern
     from evop.models.loading import load_model
     from evop.models.pruning import prune_layers

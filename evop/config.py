@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from evop.errors import BadInputError
 
@@ -295,12 +295,7 @@ class EvaluationConfig(_Section):
     limit: int | None = Field(None, ge=1, description="lm-eval examples per task (None: all).")
     lm_eval_batch_size: int = Field(16, ge=1, description="lm-eval batch size.")
     speed: bool = Field(True, description="Measure dense vs pruned prefill/decode speed.")
-    speed_runs: int = Field(
-        8,
-        ge=1,
-        description="Timed runs per model (after one warm-up), interleaved dense/pruned; the speed-up's "
-        "95% interval needs at least 2.",
-    )
+    speed_runs: int = Field(8, ge=1, description="Timed runs per model, interleaved (>= 2: a 95% interval).")
     prompt_len: int = Field(128, ge=1, description="Prompt tokens of the speed benchmark.")
     new_tokens: int = Field(32, ge=1, description="Generated tokens of the speed benchmark.")
 
@@ -350,42 +345,20 @@ def without_neutral_defaults(section: str, values: dict[str, Any]) -> dict[str, 
 
 
 class ScaleConfig(_Section):
-    """Where candidate patterns are scored: in this process, or on a pool of Ray actors (several
-    GPUs, or CPU workers), each holding the model once. The search and its results are the same
-    whatever this section says; only the time changes."""
+    """Where candidate patterns are scored: here, or on a pool of Ray actors each holding the model
+    once (several GPUs, or CPU workers). Results are the same either way; only the time changes."""
 
-    backend: Literal["local", "ray"] = Field(
-        "local", description="'local': score in this process; 'ray': on a pool of Ray actors."
-    )
+    backend: Literal["local", "ray"] = Field("local", description="'local': this process; 'ray': Ray actors.")
     address: str | None = Field(
-        None,
-        description="Ray cluster to join ('ray://host:10001', 'auto', 'host:6379'); empty: RAY_ADDRESS "
-        "when set, else a local Ray instance on this machine.",
+        None, description="Ray cluster ('ray://head:10001', 'head:6379'); empty: RAY_ADDRESS, else local."
     )
-    workers: int | Literal["auto"] = Field(
-        "auto",
-        description="Actors in the pool; 'auto': one per visible GPU (gpus_per_worker > 0), else one "
-        "per CPU core.",
+    workers: PositiveInt | Literal["auto"] = Field(
+        "auto", description="Actors; 'auto': one per visible GPU (gpus_per_worker > 0), else per CPU core."
     )
-    gpus_per_worker: float = Field(
-        0,
-        ge=0,
-        description="GPUs each actor holds; above 1 the model is split across them (a model too large "
-        "for one GPU). 0: CPU actors.",
-    )
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs of each actor (above 1: the model split).")
     threads_per_worker: int = Field(1, ge=1, description="CPU threads (torch) each actor uses.")
-    start_timeout_s: float = Field(
-        600, gt=0, description="Seconds for every actor to start (load the model) before the pool fails."
-    )
-    max_restarts: int = Field(
-        3, ge=0, description="Restarts of a lost actor (killed process, lost node) before it is dropped."
-    )
-
-    @model_validator(mode="after")
-    def _workers_positive(self) -> "ScaleConfig":
-        if self.workers != "auto" and self.workers < 1:
-            raise ValueError(f"workers must be 'auto' or at least 1, got {self.workers}")
-        return self
+    start_timeout_s: float = Field(600, gt=0, description="Seconds for every actor to load the model.")
+    max_restarts: int = Field(3, ge=0, description="Restarts of a lost actor before it is dropped.")
 
 
 class EvoPConfig(_Section):

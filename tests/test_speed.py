@@ -14,10 +14,10 @@ from evop.eval.speed import (
     checkpoint_size,
     compare_speed,
     decoder_layer_params,
-    format_speed_table,
     ideal_speedup,
     measure_inference,
 )
+from evop.eval.speed_report import format_speed_table
 from evop.method.patterns import Pattern
 from evop.models.layers import layer_access
 from evop.models.pruning import prune_layers, save_pruned

@@ -55,6 +55,16 @@ class SearchProgress:
     def fraction(self) -> float:
         return min(1.0, self.done / self.total_steps) if self.total_steps else 1.0
 
+    def postfix(self, entry: dict[str, Any]) -> dict[str, str]:
+        """The command line's progress-bar fields after ``entry``: best fitness, evaluations so
+        far, patterns/s and the upper bound of the minutes left."""
+        fields = {"best": f"{entry['best_fitness']:.4g}", "evals": str(entry["total_evaluations"])}
+        if self.patterns_per_s is not None:
+            fields["patterns/s"] = f"{self.patterns_per_s:.2f}"
+        if self.eta_seconds is not None:
+            fields["eta<="] = f"{self.eta_seconds / 60:.1f}min"
+        return fields
+
     def describe(self) -> str:
         """E.g. ``step 5 of at most 21 · 3.2 patterns/s · 12,000 tokens/s · at most 4m10s left``."""
         parts = [f"step {self.done} of at most {self.total_steps}"]
