@@ -152,15 +152,13 @@ def test_auto_workers_follow_the_cluster_resources():
 def test_the_pipeline_on_ray_resumes_after_its_driver_is_killed(local_ray, tiny_dir, text_file, tmp_path):
     """The driver (the process running the search) is SIGKILLed after checkpointing generation 1;
     a re-run resumes from the checkpoints, on new actors, and ends as a local run does."""
-    import subprocess
     import sys
-    import time
 
     import yaml
 
     from evop.pipeline.cache import forget_models
     from evop.pipeline.local import run_search
-    from tests.test_pipeline import _manifest, comparable, make_cfg
+    from tests.test_pipeline import comparable, kill_after_generation_1, make_cfg
 
     reference = run_search(make_cfg(tiny_dir, text_file, tmp_path / "local"))
     out = tmp_path / "ray"
@@ -170,20 +168,8 @@ def test_the_pipeline_on_ray_resumes_after_its_driver_is_killed(local_ray, tiny_
     script = "import sys; from evop.config import load_config; from evop.pipeline.local import run_search; "
     script += "run_search(load_config(sys.argv[1]))"
     env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(tmp_path / "cfg.yaml")],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    while _manifest(out, cfg).get("latest", -1) < 1:
-        assert proc.poll() is None, "the search ended before its driver could be killed"
-        assert time.time() < deadline, "no checkpoint of generation 1 in time"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = _manifest(out, cfg)["latest"]
+    argv = [sys.executable, "-c", script, str(tmp_path / "cfg.yaml")]
+    killed_at = kill_after_generation_1(argv, env, out, cfg)
     try:
         result = run_search(cfg)  # joins the running Ray instance; its actors start afresh
     finally:

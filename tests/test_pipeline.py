@@ -141,6 +141,20 @@ def test_flow_with_s3_checkpoints(prefect_api, s3_env, tiny_dir, text_file, tmp_
     assert f"{prefix}/{generation_key(0)}" in keys and f"{prefix}/calibration/blocks.safetensors" in keys
 
 
+def kill_after_generation_1(argv: list[str], env: dict, out: Path, cfg) -> int:
+    """Run ``argv`` (a search of ``cfg``), SIGKILL it once generation 1 is checkpointed under
+    ``out``; returns the newest checkpointed generation."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while _manifest(out, cfg).get("latest", -1) < 1:
+        assert proc.poll() is None, "the search ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint of generation 1 in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return _manifest(out, cfg)["latest"]
+
+
 def _manifest(out: Path, cfg) -> dict:
     path = out / "checkpoints" / pipeline.run_prefix(cfg) / "manifest.json"
     try:
@@ -156,20 +170,8 @@ def test_sigkill_then_rerun_resumes_without_recomputing(
     cfg = make_cfg(tiny_dir, text_file, out)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "evop.cli", "run", "--config", str(tmp_path / "cfg.yaml")],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    while _manifest(out, cfg).get("latest", -1) < 1:
-        assert proc.poll() is None, "the flow ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint of generation 1 in time"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = _manifest(out, cfg)["latest"]
+    argv = [sys.executable, "-m", "evop.cli", "run", "--config", str(tmp_path / "cfg.yaml")]
+    killed_at = kill_after_generation_1(argv, env, out, cfg)
     assert not _manifest(out, cfg)["done"]
 
     summary = evop_pipeline(config=cfg)
