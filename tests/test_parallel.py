@@ -149,6 +149,32 @@ def test_auto_workers_follow_the_cluster_resources():
         ScaleConfig(workers=0)
 
 
+def test_a_worker_lost_for_good_hands_its_jobs_to_the_others(local_ray, setup):
+    """No restarts left (max_restarts: 0): the lost actor is dropped, its pattern re-queued on the
+    other one, and the search still ends as in one process."""
+    from evop.method.parallel import RayPool
+
+    settings = evop_settings(seed=5)
+    alone = run("sleb", scorer_of(setup), settings)
+    model_cfg, _, blocks, fitness = setup
+    scale = ScaleConfig(backend="ray", workers=2, max_restarts=0)
+    lost = RayPool(scale, model_cfg, blocks, fitness, CLUSTERS)
+    killed: list[int] = []
+
+    def kill_one(done: int, asked: int) -> None:
+        if not killed and done == 1 and asked > 2:
+            killed.append(lost.pids()[0])
+            os.kill(killed[0], signal.SIGKILL)
+
+    lost.on_result = kill_one
+    try:
+        parallel = run("sleb", scorer_of(setup, lost), settings)
+        assert killed and len(lost.actors) == 1
+    finally:
+        lost.shutdown()
+    same_search(alone, parallel)
+
+
 def test_the_pipeline_on_ray_resumes_after_its_driver_is_killed(local_ray, tiny_dir, text_file, tmp_path):
     """The driver (the process running the search) is SIGKILLed after checkpointing generation 1;
     a re-run resumes from the checkpoints, on new actors, and ends as a local run does."""
