@@ -75,6 +75,7 @@ class Judge:
             for domain, scorer in self.heldout_scorers().items():
                 scores[domain] = finite_or_none(scorer.dense() if pattern is None else scorer(pattern))
             self.scores[key] = scores
+            self.save()  # judging is costly too: a stopped comparison keeps every finished pattern
         return self.scores[key]
 
     def downstream(self, pattern: Pattern | None) -> dict[str, float | None] | None:
