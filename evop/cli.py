@@ -171,14 +171,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
     speed = summary.get("speed")
     if speed:
-        r = speed["ratios"]
+        from evop.eval.speed_report import format_speedup
         rows.append(
             (
                 "speed-up (pruned/dense)",
-                f"prefill {format_number(r.get('prefill_speedup'))}x, "
-                f"decode {format_number(r.get('decode_speedup'))}x "
+                f"prefill {format_speedup(speed, 'prefill_speedup')}, "
+                f"decode {format_speedup(speed, 'decode_speedup')} "
                 f"(ideal {format_number(speed['ideal']['compute'])}x, "
-                f"params {format_number(r.get('params'))}x)",
+                f"params {format_number(speed['ratios'].get('params'))}x)",
             )
         )
     mlflow = summary.get("mlflow")

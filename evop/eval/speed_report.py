@@ -45,13 +45,13 @@ def format_speed_table(report: dict[str, Any]) -> str:
             "prefill tokens/s",
             _num(dense["prefill_tokens_per_s"]),
             _num(pruned["prefill_tokens_per_s"]),
-            _speedup(report, "prefill_speedup"),
+            format_speedup(report, "prefill_speedup"),
         ),
         (
             "decode tokens/s",
             _num(dense["decode_tokens_per_s"]),
             _num(pruned["decode_tokens_per_s"]),
-            _speedup(report, "decode_speedup"),
+            format_speedup(report, "decode_speedup"),
         ),
         (
             "weights memory",
@@ -93,7 +93,7 @@ def format_speed_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _speedup(report: dict[str, Any], key: str) -> str:
+def format_speedup(report: dict[str, Any], key: str) -> str:
     """``1.23x [1.18-1.27]``, with ``(!)`` when above the ideal."""
     text = _num(report["ratios"][key], "{:.2f}x")
     interval = report.get("intervals", {}).get(key)
