@@ -145,7 +145,7 @@ def test_auto_workers_follow_the_cluster_resources():
     assert resolve_workers(ScaleConfig(gpus_per_worker=1), {"CPU": 64.0, "GPU": 8.0}) == 8
     assert resolve_workers(ScaleConfig(gpus_per_worker=2), {"CPU": 64.0, "GPU": 8.0}) == 4
     assert resolve_workers(ScaleConfig(workers=3), {"CPU": 1.0}) == 3
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="greater than 0"):
         ScaleConfig(workers=0)
 
 
