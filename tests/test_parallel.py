@@ -137,6 +137,19 @@ def test_a_killed_worker_is_restarted_and_the_search_ends_the_same(pool, setup):
     same_search(alone, parallel)
 
 
+def test_an_unreachable_ray_address_fails_the_preflight(tiny_dir, text_file, tmp_path):
+    """Found before any heavy work (calibration, search), naming the address."""
+    from evop.errors import BadInputError
+    from evop.pipeline.preflight import check_search
+    from tests.test_pipeline import make_cfg
+
+    cfg = make_cfg(tiny_dir, text_file, tmp_path)
+    cfg = cfg.model_copy(update={"scale": ScaleConfig(backend="ray", address="127.0.0.1:1")})
+    with pytest.raises(BadInputError, match=r"scale.address='127.0.0.1:1'"):
+        check_search(cfg)
+    check_search(cfg.model_copy(update={"scale": ScaleConfig()}))  # local: nothing to reach
+
+
 def test_auto_workers_follow_the_cluster_resources():
     from evop.method.parallel import resolve_workers
 

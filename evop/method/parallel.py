@@ -67,7 +67,7 @@ def connect(scale: "ScaleConfig") -> Any:
         return ray
     address = scale.address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "auto":
-        _probe(address)
+        probe_address(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -82,7 +82,7 @@ def connect(scale: "ScaleConfig") -> Any:
     return ray
 
 
-def _probe(address: str, timeout: float = 5.0) -> None:
+def probe_address(address: str, timeout: float = 5.0) -> None:
     """Fail fast, naming ``address``, when nothing listens there (Ray itself waits minutes)."""
     import socket
 

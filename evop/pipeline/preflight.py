@@ -45,7 +45,19 @@ def check_search(cfg: EvoPConfig) -> int:
     removable_layers(n, s.protected_layers, k)
     _check_source("calibration.dataset", cfg.calibration.dataset)
     _check_store(cfg)
+    _check_scale(cfg)
     return n
+
+
+def _check_scale(cfg: EvoPConfig) -> None:
+    """A Ray cluster to join must answer now, not after calibration (``scale.backend: ray``)."""
+    import os
+
+    address = cfg.scale.address or os.environ.get("RAY_ADDRESS")
+    if cfg.scale.backend == "ray" and address and address != "auto":
+        from evop.method.parallel import probe_address
+
+        probe_address(address)
 
 
 def check_run(cfg: EvoPConfig) -> int:
