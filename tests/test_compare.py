@@ -296,3 +296,40 @@ def test_scores_are_not_shared_across_fitness_settings(tiny_dir, texts, tmp_path
     cheap = json.loads((out / COMPARE_FILE).read_text())["units"]["main/shortgpt/0.25"]
     assert cheap["calib_fitness"] != full["calib_fitness"]
     assert len(list(out.glob("memo-*.json"))) == 2
+
+
+
+def test_the_judge_keeps_each_finished_domain_of_a_stopped_pattern(tiny_dir, texts, tmp_path, monkeypatch):
+    from evop.config import load_config
+    from evop.eval.compare_judge import Judge
+    from evop.method.patterns import Pattern
+    from evop.models.loading import load_model
+
+    cfg = load_config(write_config(tiny_dir, texts, tmp_path / "compare.yaml"))
+    model, tokenizer = load_model(cfg.model)
+    pattern = Pattern.of(8, [2, 5])
+    judge = Judge(cfg, model, tokenizer, tmp_path, lm_eval=False)
+    books = judge.heldout_scorers()["books"]
+    score = PatternScorer.__call__
+
+    class Stop(Exception):
+        pass
+
+    def stopped_at_books(self, p):
+        if self is books:
+            raise Stop
+        return score(self, p)
+
+    # Judging is stopped on the second domain: the first one's perplexity is on disk already.
+    monkeypatch.setattr(PatternScorer, "__call__", stopped_at_books)
+    with pytest.raises(Stop):
+        judge.heldout(pattern)
+    monkeypatch.undo()
+    again = Judge(cfg, model, tokenizer, tmp_path, lm_eval=False)
+    assert set(again.scores[str(pattern)]) == {"news"}
+    news = again.scores[str(pattern)]["news"]
+    # The re-run scores only the missing domain.
+    calls = watch_scoring(monkeypatch)
+    scores = again.heldout(pattern)
+    assert set(scores) == {"news", "books"} and scores["news"] == news
+    assert len(calls) == 1

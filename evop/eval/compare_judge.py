@@ -70,13 +70,14 @@ class Judge:
     def heldout(self, pattern: Pattern | None) -> dict[str, float | None]:
         """Held-out perplexity per domain of ``pattern`` (None: the dense model), memoised."""
         key = "dense" if pattern is None else str(pattern)
-        if key not in self.scores:
-            scores = {}
-            for domain, scorer in self.heldout_scorers().items():
+        scores = self.scores.setdefault(key, {})
+        for domain, scorer in self.heldout_scorers().items():
+            if domain not in scores:
                 scores[domain] = finite_or_none(scorer.dense() if pattern is None else scorer(pattern))
-            self.scores[key] = scores
-            self.save()  # judging is costly too: a stopped comparison keeps every finished pattern
-        return self.scores[key]
+                # Judging is costly too (a large vocabulary): a stopped comparison keeps every
+                # finished domain of every pattern.
+                self.save()
+        return scores
 
     def downstream(self, pattern: Pattern | None) -> dict[str, float | None] | None:
         """lm-eval accuracy per task (acc_norm where the task has it) of ``pattern``, in place."""
