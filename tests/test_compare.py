@@ -333,3 +333,17 @@ def test_the_judge_keeps_each_finished_domain_of_a_stopped_pattern(tiny_dir, tex
     scores = again.heldout(pattern)
     assert set(scores) == {"news", "books"} and scores["news"] == news
     assert len(calls) == 1
+
+
+def test_the_unraced_variant_scores_every_candidate_in_full_from_the_shared_memo(tiny_dir, texts, tmp_path):
+    config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config), "--out", str(out), "--methods", "evop,evop-unraced,sleb"]
+    assert main([*args, "--sparsities", "0.25", "--ablation-seeds", "", "--optimum-k", "0"]) == 0
+    units = json.loads((out / COMPARE_FILE).read_text())["units"]
+    raced, full = units["main/evop/0.25"], units["main/evop-unraced/0.25"]
+    # Every candidate of the unraced search costs all calibration tokens (6 blocks of 32), plus
+    # the dense Block Influence forward that seeds the GA.
+    assert full["tokens_forwarded"] == (full["evaluations"] + 1) * 6 * 32
+    assert raced["tokens_forwarded"] < full["tokens_forwarded"]
+    assert "no racing" in (out / TABLE_FILE).read_text()

@@ -12,7 +12,7 @@ import math
 import statistics
 from typing import Any
 
-from evop.eval.compare_spec import AT_SLEB_BUDGET, UNPOLISHED, UNSEEDED, domain_name
+from evop.eval.compare_spec import AT_SLEB_BUDGET, UNPOLISHED, UNRACED, UNSEEDED, domain_name
 from evop.records import format_number
 
 
@@ -175,6 +175,7 @@ def _greedy_markdown(report: dict[str, Any], names: list[str], metric: str) -> l
         for name, label in (
             (UNPOLISHED, "GA alone (no polish)"),
             (UNSEEDED, "GA + polish, random initial population"),
+            (UNRACED, "GA + polish, every candidate scored in full (no racing)"),
             (AT_SLEB_BUDGET, "GA alone (no polish), SLEB's budget"),
         ):
             extra = units.get(f"main/{name}/{s}")

@@ -16,6 +16,7 @@ MAIN_METHODS = (
     "evopress",
     "random",
 )
+"""Every method ``evop compare`` knows (the default), besides :data:`UNRACED`, which is costly."""
 
 
 UNSEEDED = "evop-random-init"
@@ -26,9 +27,16 @@ UNPOLISHED = "evop-no-polish"
 """EvoP without the polish rounds (``search.polish_rounds: 0``): what the local search buys."""
 
 
+UNRACED = "evop-unraced"
+"""EvoP with every candidate scored on all calibration blocks (racing off): racing's check on the
+comparison's own calibration set. It shares the score memo, so patterns racing stopped early are
+finished from where they stopped; its tokens column is still what it would forward alone."""
+
+
 VARIANTS: dict[str, dict[str, Any]] = {
     UNSEEDED: {"method": "evop", "initial_patterns": []},
     UNPOLISHED: {"method": "evop", "polish_rounds": 0},
+    UNRACED: {"method": "evop", "racing_ratio": None, "racing_confidence": None},
 }
 """EvoP ablations usable as ``spec.methods``: the search settings each one overrides."""
 
