@@ -112,7 +112,7 @@ def _run(
         return shortgpt(scores, fitness, num_layers, k, protected, time.perf_counter() - start)
     if method == "random":
         budget = budget or settings.budget or default_budget(settings)
-        return random_search(fitness, num_layers, k, budget, protected, settings.seed)
+        return random_search(fitness, num_layers, k, budget, protected, settings.seed, racing=settings)
     if method == "exhaustive":
         return exhaustive(fitness, num_layers, k, protected, settings.exhaustive_limit)
     if method == "evopress":

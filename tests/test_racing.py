@@ -235,3 +235,25 @@ def test_the_settings_benchmark_prints_racing_against_full_scoring_over_seeds(
     rows = json.loads((tmp_path / "o" / "settings.json").read_text())
     assert [r["label"] for r in rows] == ["full seed 0", "full seed 1", "racing seed 0", "racing seed 1"]
     assert rows[2]["result"]["tokens_forwarded"] <= rows[0]["result"]["tokens_forwarded"]
+
+
+def test_random_search_races_its_draws_to_the_same_best_for_fewer_tokens():
+    from evop.baselines.sampling import random_search
+    from evop.method.scoring import counting
+
+    outcomes, views = {}, {}
+    for name, extra in {"plain": {}, "raced": {"racing_ratio": 1.5, "racing_confidence": 0.95}}.items():
+        objective = StagedObjective(seed=3)
+        views[name] = counting(objective)
+        race = settings(**extra)
+        outcomes[name] = random_search(views[name], 16, 3, 60, protected=[0, 15], seed=2, racing=race)
+    plain, raced = outcomes["plain"], outcomes["raced"]
+    assert raced.pattern == plain.pattern and raced.fitness == plain.fitness
+    assert raced.evaluations == plain.evaluations == 60  # the same budget, raced or not
+    assert views["plain"].tokens == 60 * 8 * 11
+    assert views["raced"].tokens < 0.5 * views["plain"].tokens
+    assert raced.details["raced"] and not plain.details["raced"]
+    # The best is scored on every stage; a pattern stopped early never becomes the best, even where
+    # its fitness on its few stages is lower than the best's on all of them.
+    assert len(views["raced"].stages[str(raced.pattern)][0]) == 8
+    assert [h["best_fitness"] for h in raced.history] == [h["best_fitness"] for h in plain.history]

@@ -1,7 +1,8 @@
 """The sampling baselines: random search (the floor) and exhaustive search (the true optimum).
 
 - :func:`random_search`: the best of exactly ``budget`` distinct random patterns; a comparison
-  gives it as many evaluations as EvoP used.
+  gives it as many evaluations as EvoP used. Where EvoP races, so does random search: each
+  pattern against the best drawn so far, which keeps its answer at a fraction of the tokens.
 - :func:`exhaustive`: every k-subset of the removable layers, C(L', k) evaluations; refused with
   :class:`SearchTooLargeError` above ``search.exhaustive_limit`` candidates.
 """
@@ -13,12 +14,17 @@ import random
 import time
 from collections.abc import Sequence
 from itertools import combinations
+from typing import TYPE_CHECKING
 
 from evop.errors import BadInputError
 from evop.method.operators import sample_patterns
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern, removable_layers
-from evop.method.scoring import FitnessFn, counting, prefetch
+from evop.method.racing import raced_out, score_candidates
+from evop.method.scoring import FitnessFn, StagedCounting, counting, prefetch
+
+if TYPE_CHECKING:
+    from evop.config import SearchConfig
 
 
 class SearchTooLargeError(BadInputError):
@@ -26,9 +32,20 @@ class SearchTooLargeError(BadInputError):
 
 
 def random_search(
-    fitness: FitnessFn, num_layers: int, k: int, budget: int, protected: Sequence[int] = (), seed: int = 0
+    fitness: FitnessFn,
+    num_layers: int,
+    k: int,
+    budget: int,
+    protected: Sequence[int] = (),
+    seed: int = 0,
+    racing: "SearchConfig | None" = None,
 ) -> Outcome:
-    """Best of exactly ``budget`` distinct random patterns (fewer only when the space is smaller)."""
+    """Best of exactly ``budget`` distinct random patterns (fewer only when the space is smaller).
+
+    ``racing``: search settings whose racing rules (``racing_ratio``, ``racing_confidence``) race
+    each pattern against the best drawn before it, as EvoP races its candidates, when the fitness
+    is scored stage by stage; a raced-out pattern never becomes the best. None: all in full.
+    """
     if budget < 1:
         raise BadInputError(f"random search needs a budget of at least 1 evaluation, got {budget}")
     start = time.perf_counter()
@@ -36,11 +53,19 @@ def random_search(
     candidates = removable_layers(num_layers, protected, k)
     rng = random.Random(seed)
     drawn = sample_patterns(rng, num_layers, candidates, k, budget)
-    prefetch(f, drawn)
+    scores: dict[str, float] = {}
+    sums: dict[str, list[float]] = {}
+    staged = f if isinstance(f, StagedCounting) and racing is not None and racing.racing else None
+    if staged is not None:
+        score_candidates(drawn, scores, sums, None, f, staged, racing)  # type: ignore[arg-type]
+    else:
+        prefetch(f, drawn)
     best, best_value, history = None, math.inf, []
     for i, pattern in enumerate(drawn, 1):
-        value = f(pattern)
-        if best is None or (value, str(pattern)) < (best_value, str(best)):
+        key = str(pattern)
+        value = scores[key] if key in scores else f(pattern)
+        finished = staged is None or not raced_out(sums[key], len(staged.stage_tokens))
+        if finished and (best is None or (value, key) < (best_value, str(best))):
             best, best_value = pattern, value
         if i % 10 == 0 or i == len(drawn):
             history.append(
@@ -54,7 +79,7 @@ def random_search(
         len(drawn),
         time.perf_counter() - start,
         history=history,
-        details={"budget": budget},
+        details={"budget": budget, "raced": staged is not None},
     )
 
 
