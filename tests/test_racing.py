@@ -245,8 +245,8 @@ def test_random_search_races_its_draws_to_the_same_best_for_fewer_tokens():
     for name, extra in {"plain": {}, "raced": {"racing_ratio": 1.5, "racing_confidence": 0.95}}.items():
         objective = StagedObjective(seed=3)
         views[name] = counting(objective)
-        race = settings(**extra)
-        outcomes[name] = random_search(views[name], 16, 3, 60, protected=[0, 15], seed=2, racing=race)
+        rules = settings(**extra)
+        outcomes[name] = random_search(views[name], 16, 3, 60, protected=[0, 15], seed=2, racing=rules)
     plain, raced = outcomes["plain"], outcomes["raced"]
     assert raced.pattern == plain.pattern and raced.fitness == plain.fitness
     assert raced.evaluations == plain.evaluations == 60  # the same budget, raced or not
