@@ -107,11 +107,14 @@ def anytime_plot(report: dict[str, Any], path: str | Path) -> Path | None:
     if not rows:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
     path = Path(path)
     sparsities = sorted({r["sparsity"] for r in rows})
     fig, axes = plt.subplots(1, len(sparsities), figsize=(5 * len(sparsities), 4), squeeze=False)
     try:
         for ax, sparsity in zip(axes[0], sparsities, strict=True):
+            finals = []
             for r in (r for r in rows if r["sparsity"] == sparsity):
                 points = [(p["seconds"], p["heldout_geomean"]) for p in r["anytime"]]
                 points = [(max(t, 0.1), v) for t, v in points if v is not None]
@@ -120,7 +123,14 @@ def anytime_plot(report: dict[str, Any], path: str | Path) -> Path | None:
                 xs, ys = zip(*points, strict=True)
                 end = max(r.get("search_seconds") or 0.0, xs[-1])
                 ax.step([*xs, end], [*ys, ys[-1]], where="post", marker="o", markersize=3, label=r["method"])
+                finals.append(ys[-1])
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a range under a decade labels every tick
+            # Log perplexity, cut at 3x the worst final value: a search's first patterns can be
+            # 100x worse than its last, and on a linear axis they flatten every final difference.
+            ax.set_yscale("log")
+            if finals:
+                ax.set_ylim(0.9 * min(finals), 3 * max(finals))
             ax.set_xlabel("search seconds (scoring time, the method alone)")
             ax.set_ylabel("held-out perplexity (geometric mean)")
             ax.set_title(f"sparsity {sparsity:.0%}")
