@@ -65,9 +65,7 @@ def connect(scale: "ScaleConfig") -> Any:
     ray = _ray()
     if ray.is_initialized():
         return ray
-    address = scale.address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "auto":
-        probe_address(address)
+    address = check_address(scale)
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -80,6 +78,19 @@ def connect(scale: "ScaleConfig") -> Any:
             "`ray start --head`, or leave scale.address empty for a local instance)"
         ) from err
     return ray
+
+
+def check_address(scale: "ScaleConfig") -> str | None:
+    """The cluster address to join (``scale.address``, else ``RAY_ADDRESS``; None: start a local
+    instance), probed first unless it is ``auto``.
+
+    Raises:
+        ScaleError: naming the address when nothing listens there.
+    """
+    address = scale.address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "auto":
+        probe_address(address)
+    return address
 
 
 def probe_address(address: str, timeout: float = 5.0) -> None:

@@ -51,13 +51,10 @@ def check_search(cfg: EvoPConfig) -> int:
 
 def _check_scale(cfg: EvoPConfig) -> None:
     """A Ray cluster to join must answer now, not after calibration (``scale.backend: ray``)."""
-    import os
+    if cfg.scale.backend == "ray":
+        from evop.method.parallel import check_address
 
-    address = cfg.scale.address or os.environ.get("RAY_ADDRESS")
-    if cfg.scale.backend == "ray" and address and address != "auto":
-        from evop.method.parallel import probe_address
-
-        probe_address(address)
+        check_address(cfg.scale)
 
 
 def check_run(cfg: EvoPConfig) -> int:
