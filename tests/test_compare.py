@@ -347,3 +347,27 @@ def test_the_unraced_variant_scores_every_candidate_in_full_from_the_shared_memo
     assert full["tokens_forwarded"] == (full["evaluations"] + 1) * 6 * 32
     assert raced["tokens_forwarded"] < full["tokens_forwarded"]
     assert "no racing" in (out / TABLE_FILE).read_text()
+
+
+def test_the_anytime_plot_keeps_final_differences_visible(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from evop.eval.plots import anytime_plot
+
+    def row(method, curve):
+        points = [{"seconds": t, "pattern": "", "calib_fitness": v, "heldout_geomean": v} for t, v in curve]
+        return {"method": method, "sparsity": 0.2, "search_seconds": curve[-1][0], "anytime": points}
+
+    report = {
+        "units": {
+            "main/evop/0.2": row("evop", [(1.0, 5000.0), (10.0, 60.0)]),
+            "main/sleb/0.2": row("sleb", [(100.0, 62.0)]),
+        }
+    }
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))
+    assert anytime_plot(report, tmp_path / "anytime.png").is_file()
+    (ax,) = figures[0].axes
+    # A first pattern 80x worse than the last must not flatten the final 60 vs 62.
+    assert ax.get_yscale() == "log" and ax.get_ylim() == pytest.approx((0.9 * 60.0, 3 * 62.0))
