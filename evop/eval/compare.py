@@ -35,6 +35,7 @@ from evop.config import EvoPConfig, without_neutral_defaults
 from evop.eval.compare_judge import Judge
 from evop.eval.compare_report import geomean, render_markdown
 from evop.eval.compare_spec import (
+    ANYTIME_CURVES,
     ANYTIME_PLOT,
     AT_SLEB_BUDGET,
     COMPARE_FILE,
@@ -280,6 +281,9 @@ class Comparison:
             outcome = self.search(method, k, calib, budget=budget)
             row = self.row(outcome, sparsity, calib)
             # The anytime curve: held-out quality of the method's best pattern so far.
+            trace = outcome.details["anytime"]
+            if method not in ANYTIME_CURVES:
+                trace = trace[-1:]
             row["anytime"] = [
                 {
                     "seconds": seconds,
@@ -287,7 +291,7 @@ class Comparison:
                     "calib_fitness": fitness,
                     "heldout_geomean": geomean(list(self.heldout(Pattern.parse(pattern)).values())),
                 }
-                for seconds, pattern, fitness in outcome.details["anytime"]
+                for seconds, pattern, fitness in trace
             ]
             return row
 

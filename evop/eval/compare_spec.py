@@ -46,6 +46,13 @@ AT_SLEB_BUDGET = "evop-sleb-budget"
 searches at equal cost."""
 
 
+ANYTIME_CURVES = frozenset({"evop", "sleb", "evopress", AT_SLEB_BUDGET})
+"""Methods whose whole anytime curve is judged on the held-out text. Every other method gets
+one point, its final pattern: each point is a held-out judgement (about 11 min per pattern on
+Gemma-3 on one CPU core), and random search, the ablations and the one-shot criteria do not
+answer the anytime question (when does EvoP reach SLEB's quality?)."""
+
+
 COMPARE_FILE = "compare.json"
 
 
