@@ -380,3 +380,32 @@ def test_the_anytime_plot_keeps_final_differences_visible(tmp_path, monkeypatch)
     (ax,) = figures[0].axes
     # A first pattern 80x worse than the last must not flatten the final 60 vs 62.
     assert ax.get_yscale() == "log" and ax.get_ylim() == pytest.approx((0.9 * 60.0, 3 * 62.0))
+
+
+def test_the_readme_table_checks_issue_11s_targets_with_their_margins():
+    """``benchmarks/compare_table.py``: EvoP meets the targets only with its geometric mean at or
+    below every baseline's, no domain over 2% above the best baseline, and no slower than SLEB."""
+    from benchmarks.compare_table import table, verdicts
+
+    def row(method, news, books, seconds=10.0):
+        return {
+            "method": method, "sparsity": 0.3, "k": 3, "removed_layers": [1, 2, 3], "calib_fitness": 5.0,
+            "heldout_ppl": {"news": news, "books": books}, "evaluations": 4, "tokens_forwarded": 64,
+            "search_seconds": seconds,
+        }  # fmt: skip
+
+    def report(evop):
+        units = {"dense": {"calib_fitness": 2.0, "heldout_ppl": {"news": 2.0, "books": 3.0}}}
+        for method, r in {"evop": evop, "sleb": row("sleb", 10.0, 10.0, seconds=20.0)}.items():
+            units[f"main/{method}/0.3"] = r
+        return {"num_layers": 10, "units": units}
+
+    ok = verdicts({"m": report(row("evop", 9.0, 10.1))})[0]
+    assert ok.startswith("m 30%: so far meets") and "-4.7%" in ok and "(books) +1.0%" in ok
+    assert "not run: ppl-oneshot" in ok
+    # Better on average, but 3% above the best baseline on one domain: a miss.
+    assert "MISSES" in verdicts({"m": report(row("evop", 9.0, 10.3))})[0]
+    # As good, but slower than SLEB: a miss.
+    assert "MISSES" in verdicts({"m": report(row("evop", 9.0, 10.0, seconds=30.0))})[0]
+    lines = table({"m": report(row("evop", 9.0, 10.1))})
+    assert "| m 30% (3/10) | **evop** | 1,2,3 | 5.00 | **9.00** | 10.10 | **9.53** |" in lines[3]

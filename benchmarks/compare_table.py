@@ -1,0 +1,132 @@
+"""The README's comparison table over several models, and issue 11's targets checked on it.
+
+Reads the ``compare.json`` of finished (or partly finished) ``evop compare`` runs::
+
+    python benchmarks/compare_table.py SmolLM2=runs/compare-demo/compare/compare.json \\
+        Gemma-3=runs/compare-gemma3/compare/compare.json
+
+prints one markdown table (best held-out value per domain and sparsity in bold), then, per model
+and sparsity, whether EvoP meets the targets: its geometric mean over the held-out domains at or
+below every baseline's, on no domain more than 2% above the best baseline there, and its search
+seconds at or below SLEB's. EvoP's own ablations (the GA alone, no racing, ...) are not baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from evop.eval.compare_report import geomean
+
+ORDER = ("evop", "sleb", "ppl-oneshot", "shortgpt", "evopress", "random", "evop-sleb-budget", "evop-unraced")
+BASELINES = ("sleb", "ppl-oneshot", "shortgpt", "evopress", "random")
+LABEL = {"evop-sleb-budget": "evop-sleb-budget (GA alone)", "evop-unraced": "evop-unraced (no racing)"}
+DOMAIN_SLACK = 1.02
+
+
+def _f(x: float) -> str:
+    return f"{x:,.2f}"
+
+
+def table(reports: dict[str, dict]) -> list[str]:
+    lines = [
+        "| model, sparsity | method | removed layers | calib ppl | "
+        + " | ".join(next(iter(reports.values()))["units"]["dense"]["heldout_ppl"])
+        + " | geomean | evaluations | tokens forwarded | search s |",
+    ]
+    lines.append("|" + " --- |" * (lines[0].count("|") - 1))
+    for name, report in reports.items():
+        units, layers = report["units"], report["num_layers"]
+        dense = units["dense"]["heldout_ppl"]
+        lines.append(
+            f"| {name} dense | - | - | {_f(units['dense']['calib_fitness'])} | "
+            + " | ".join(_f(v) for v in dense.values())
+            + f" | {_f(geomean(list(dense.values())))} | - | - | - |"
+        )
+        for sparsity, rows in _by_sparsity(report).items():
+            best = {d: min(r["heldout_ppl"][d] for _, r in rows) for d in dense}
+            best_mean = min(geomean(list(r["heldout_ppl"].values())) for _, r in rows)
+            for i, (method, r) in enumerate(rows):
+                cells = [f"**{_f(v)}**" if v == best[d] else _f(v) for d, v in r["heldout_ppl"].items()]
+                mean = geomean(list(r["heldout_ppl"].values()))
+                label = "**evop**" if method == "evop" else LABEL.get(method, method)
+                head = f"{name} {sparsity:.0%} ({r['k']}/{layers})" if i == 0 else ""
+                evaluations = str(r["evaluations"])
+                if r.get("cheap_evaluations"):
+                    evaluations += f" (+{r['cheap_evaluations']} cheap)"
+                removed = ",".join(map(str, r["removed_layers"]))
+                lines.append(
+                    f"| {head} | {label} | {removed} | {_f(r['calib_fitness'])} | "
+                    + " | ".join(cells)
+                    + f" | {f'**{_f(mean)}**' if mean == best_mean else _f(mean)} | {evaluations}"
+                    + f" | {r['tokens_forwarded']:,} | {r['search_seconds']:,.0f} |"
+                )
+    return lines
+
+
+def verdicts(reports: dict[str, dict]) -> list[str]:
+    """Issue 11's targets, one line per model and sparsity, with the margins."""
+    lines = []
+    for name, report in reports.items():
+        for sparsity, rows in _by_sparsity(report).items():
+            found = dict(rows)
+            if "evop" not in found:
+                continue
+            evop = found["evop"]
+            baselines = {m: r for m, r in found.items() if m in BASELINES}
+            missing = [m for m in BASELINES if m not in baselines]
+            mean = geomean(list(evop["heldout_ppl"].values()))
+            worst_mean = max(
+                ((mean / geomean(list(r["heldout_ppl"].values())) - 1, m) for m, r in baselines.items()),
+                default=(float("nan"), "-"),
+            )
+            worst_domain = max(
+                (
+                    (v / min(r["heldout_ppl"][d] for r in baselines.values()) - 1, d)
+                    for d, v in evop["heldout_ppl"].items()
+                ),
+                default=(float("nan"), "-"),
+            )
+            sleb = baselines.get("sleb")
+            faster = sleb is None or evop["search_seconds"] <= sleb["search_seconds"]
+            ok = worst_mean[0] <= 0 and worst_domain[0] <= DOMAIN_SLACK - 1 and faster
+            verdict = "MISSES" if not ok else "so far meets" if missing else "meets"
+            sleb_seconds = sleb["search_seconds"] if sleb else float("nan")
+            lines.append(
+                f"{name} {sparsity:.0%}: {verdict}"
+                f" | geomean vs closest baseline ({worst_mean[1]}) {worst_mean[0]:+.1%}"
+                f" | worst domain vs best baseline ({worst_domain[1]}) {worst_domain[0]:+.1%}"
+                f" | seconds vs SLEB {evop['search_seconds']:,.0f} / {sleb_seconds:,.0f}"
+                + (f" | not run: {', '.join(missing)}" if missing else "")
+            )
+    return lines
+
+
+def _by_sparsity(report: dict) -> dict[float, list[tuple[str, dict]]]:
+    units, out = report["units"], {}
+    main_rows = [u for key, u in units.items() if key.startswith("main/") and "heldout_ppl" in u]
+    sparsities = sorted({u["sparsity"] for u in main_rows})
+    for sparsity in sparsities:
+        rows = [(m, units.get(f"main/{m}/{sparsity}")) for m in ORDER]
+        out[sparsity] = [(m, r) for m, r in rows if r and r.get("heldout_ppl")]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("reports", nargs="+", metavar="NAME=COMPARE_JSON")
+    args = parser.parse_args(argv)
+    reports = {}
+    for item in args.reports:
+        name, _, path = item.partition("=")
+        reports[name] = json.loads(Path(path).read_text())
+    print("\n".join(table(reports)))
+    print()
+    print("\n".join(verdicts(reports)))
+
+
+if __name__ == "__main__":
+    main()
