@@ -307,7 +307,6 @@ def test_scores_are_not_shared_across_fitness_settings(tiny_dir, texts, tmp_path
     assert len(list(out.glob("memo-*.json"))) == 2
 
 
-
 def test_the_judge_keeps_each_finished_domain_of_a_stopped_pattern(tiny_dir, texts, tmp_path, monkeypatch):
     from evop.config import load_config
     from evop.eval.compare_judge import Judge
@@ -380,6 +379,16 @@ def test_the_anytime_plot_keeps_final_differences_visible(tmp_path, monkeypatch)
     (ax,) = figures[0].axes
     # A first pattern 80x worse than the last must not flatten the final 60 vs 62.
     assert ax.get_yscale() == "log" and ax.get_ylim() == pytest.approx((0.9 * 60.0, 3 * 62.0))
+
+    # Panels hold different methods; each method keeps its colour in every panel.
+    later = {**row("evopress", [(5.0, 70.0)]), "sparsity": 0.3}
+    report["units"] |= {
+        "main/evopress/0.3": later,
+        "main/sleb/0.3": {**report["units"]["main/sleb/0.2"], "sparsity": 0.3},
+    }
+    anytime_plot(report, tmp_path / "two.png")
+    colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in figures[-1].axes]
+    assert colours[0]["sleb"] == colours[1]["sleb"] and colours[1]["evopress"] not in colours[0].values()
 
 
 def test_the_readme_table_checks_issue_11s_targets_with_their_margins():

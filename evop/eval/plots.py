@@ -111,6 +111,10 @@ def anytime_plot(report: dict[str, Any], path: str | Path) -> Path | None:
 
     path = Path(path)
     sparsities = sorted({r["sparsity"] for r in rows})
+    # One colour per method in every panel: panels can hold different methods.
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    palette = plt.get_cmap("tab10").colors
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(sparsities), figsize=(5 * len(sparsities), 4), squeeze=False)
     try:
         for ax, sparsity in zip(axes[0], sparsities, strict=True):
@@ -122,7 +126,10 @@ def anytime_plot(report: dict[str, Any], path: str | Path) -> Path | None:
                     continue
                 xs, ys = zip(*points, strict=True)
                 end = max(r.get("search_seconds") or 0.0, xs[-1])
-                ax.step([*xs, end], [*ys, ys[-1]], where="post", marker="o", markersize=3, label=r["method"])
+                ax.step(
+                    [*xs, end], [*ys, ys[-1]], where="post", marker="o", markersize=3,
+                    label=r["method"], color=colour[r["method"]],
+                )  # fmt: skip
                 finals.append(ys[-1])
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # a range under a decade labels every tick
