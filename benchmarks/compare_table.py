@@ -100,7 +100,19 @@ def verdicts(reports: dict[str, dict]) -> list[str]:
                 f" | seconds vs SLEB {evop['search_seconds']:,.0f} / {sleb_seconds:,.0f}"
                 + (f" | not run: {', '.join(missing)}" if missing else "")
             )
+        # And once per model: strictly better than SLEB where greedy removal is most myopic.
+        wins = []
+        for sparsity, rows in _by_sparsity(report).items():
+            found = dict(rows)
+            compared = sparsity >= 0.3 and {"evop", "sleb"} <= found.keys()
+            if compared and _mean(found["evop"]) < _mean(found["sleb"]):
+                wins.append(f"{sparsity:.0%}")
+        lines.append(f"{name}: strictly below SLEB's geomean at 30% or 40%: {', '.join(wins) or 'no'}")
     return lines
+
+
+def _mean(row: dict) -> float:
+    return geomean(list(row["heldout_ppl"].values()))
 
 
 def _by_sparsity(report: dict) -> dict[float, list[tuple[str, dict]]]:

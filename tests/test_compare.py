@@ -414,6 +414,8 @@ def test_the_readme_table_checks_issue_11s_targets_with_their_margins():
     assert "not run: ppl-oneshot" in ok
     # Better on average, but 3% above the best baseline on one domain: a miss.
     assert "MISSES" in verdicts({"m": report(row("evop", 9.0, 10.3))})[0]
+    assert verdicts({"m": report(row("evop", 9.0, 10.1))})[-1].endswith("at 30% or 40%: 30%")
+    assert verdicts({"m": report(row("evop", 10.0, 10.0))})[-1].endswith("at 30% or 40%: no")
     # As good, but slower than SLEB: a miss.
     assert "MISSES" in verdicts({"m": report(row("evop", 9.0, 10.0, seconds=30.0))})[0]
     lines = table({"m": report(row("evop", 9.0, 10.1))})
