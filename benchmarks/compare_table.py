@@ -46,10 +46,10 @@ def table(reports: dict[str, dict]) -> list[str]:
         )
         for sparsity, rows in _by_sparsity(report).items():
             best = {d: min(r["heldout_ppl"][d] for _, r in rows) for d in dense}
-            best_mean = min(geomean(list(r["heldout_ppl"].values())) for _, r in rows)
+            best_mean = min(_mean(r) for _, r in rows)
             for i, (method, r) in enumerate(rows):
                 cells = [f"**{_f(v)}**" if v == best[d] else _f(v) for d, v in r["heldout_ppl"].items()]
-                mean = geomean(list(r["heldout_ppl"].values()))
+                mean = _mean(r)
                 label = "**evop**" if method == "evop" else LABEL.get(method, method)
                 head = f"{name} {sparsity:.0%} ({r['k']}/{layers})" if i == 0 else ""
                 evaluations = str(r["evaluations"])
@@ -76,9 +76,9 @@ def verdicts(reports: dict[str, dict]) -> list[str]:
             evop = found["evop"]
             baselines = {m: r for m, r in found.items() if m in BASELINES}
             missing = [m for m in BASELINES if m not in baselines]
-            mean = geomean(list(evop["heldout_ppl"].values()))
+            mean = _mean(evop)
             worst_mean = max(
-                ((mean / geomean(list(r["heldout_ppl"].values())) - 1, m) for m, r in baselines.items()),
+                ((mean / _mean(r) - 1, m) for m, r in baselines.items()),
                 default=(float("nan"), "-"),
             )
             worst_domain = max(
