@@ -420,3 +420,16 @@ def test_the_readme_table_checks_issue_11s_targets_with_their_margins():
     assert "MISSES" in verdicts({"m": report(row("evop", 9.0, 10.0, seconds=30.0))})[0]
     lines = table({"m": report(row("evop", 9.0, 10.1))})
     assert "| m 30% (3/10) | **evop** | 1,2,3 | 5.00 | **9.00** | 10.10 | **9.53** |" in lines[3]
+
+
+def test_only_the_anytime_points_the_plot_needs_are_judged():
+    from evop.eval.compare_spec import ANYTIME_POINTS, anytime_to_judge
+
+    trace = [(float(t), f"p{t}", 100.0 - t) for t in range(20)]
+    # Whole curves, thinned to at most ANYTIME_POINTS: first and last kept, in order.
+    judged = anytime_to_judge("evopress", trace)
+    assert len(judged) == ANYTIME_POINTS and judged[0] == trace[0] and judged[-1] == trace[-1]
+    assert judged == sorted(judged)
+    assert anytime_to_judge("sleb", trace[:3]) == trace[:3]
+    # Every other method: its final pattern only.
+    assert anytime_to_judge("random", trace) == trace[-1:]

@@ -35,7 +35,6 @@ from evop.config import EvoPConfig, without_neutral_defaults
 from evop.eval.compare_judge import Judge
 from evop.eval.compare_report import geomean, render_markdown
 from evop.eval.compare_spec import (
-    ANYTIME_CURVES,
     ANYTIME_PLOT,
     AT_SLEB_BUDGET,
     COMPARE_FILE,
@@ -43,6 +42,7 @@ from evop.eval.compare_spec import (
     TABLE_FILE,
     VARIANTS,
     CompareSpec,
+    anytime_to_judge,
 )
 from evop.eval.plots import anytime_plot
 from evop.method.influence import layer_influence
@@ -281,9 +281,6 @@ class Comparison:
             outcome = self.search(method, k, calib, budget=budget)
             row = self.row(outcome, sparsity, calib)
             # The anytime curve: held-out quality of the method's best pattern so far.
-            trace = outcome.details["anytime"]
-            if method not in ANYTIME_CURVES:
-                trace = trace[-1:]
             row["anytime"] = [
                 {
                     "seconds": seconds,
@@ -291,7 +288,7 @@ class Comparison:
                     "calib_fitness": fitness,
                     "heldout_geomean": geomean(list(self.heldout(Pattern.parse(pattern)).values())),
                 }
-                for seconds, pattern, fitness in trace
+                for seconds, pattern, fitness in anytime_to_judge(method, outcome.details["anytime"])
             ]
             return row
 

@@ -53,6 +53,24 @@ Gemma-3 on one CPU core), and random search, the ablations and the one-shot crit
 answer the anytime question (when does EvoP reach SLEB's quality?)."""
 
 
+ANYTIME_POINTS = 8
+"""At most this many points of a whole anytime curve are judged: the first, the last and points
+evenly spaced in between. EvoPress-style improves in small steps (15 to 20 on SmolLM2 at 40%),
+which would cost hours of judging a sparsity on Gemma-3; a dropped point only makes the step
+before it last longer, so the curve stays true, only coarser."""
+
+
+def anytime_to_judge(method: str, trace: list) -> list:
+    """The points of ``method``'s anytime trace (best pattern so far at each improvement) that
+    the comparison judges on the held-out text: see :data:`ANYTIME_CURVES`, :data:`ANYTIME_POINTS`."""
+    if method not in ANYTIME_CURVES:
+        return trace[-1:]
+    if len(trace) <= ANYTIME_POINTS:
+        return trace
+    last = len(trace) - 1
+    return [trace[i] for i in sorted({round(j * last / (ANYTIME_POINTS - 1)) for j in range(ANYTIME_POINTS)})]
+
+
 COMPARE_FILE = "compare.json"
 
 
