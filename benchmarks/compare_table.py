@@ -45,9 +45,9 @@ def table(reports: dict[str, dict]) -> list[str]:
             + f" | {_f(geomean(list(dense.values())))} | - | - | - |"
         )
         for sparsity, rows in _by_sparsity(report).items():
-            best = {d: min(r["heldout_ppl"][d] for _, r in rows) for d in dense}
-            best_mean = min(_mean(r) for _, r in rows)
-            for i, (method, r) in enumerate(rows):
+            best = {d: min(r["heldout_ppl"][d] for r in rows.values()) for d in dense}
+            best_mean = min(_mean(r) for r in rows.values())
+            for i, (method, r) in enumerate(rows.items()):
                 cells = [f"**{_f(v)}**" if v == best[d] else _f(v) for d, v in r["heldout_ppl"].items()]
                 mean = _mean(r)
                 label = "**evop**" if method == "evop" else LABEL.get(method, method)
@@ -69,8 +69,8 @@ def verdicts(reports: dict[str, dict]) -> list[str]:
     """Issue 11's targets, one line per model and sparsity, with the margins."""
     lines = []
     for name, report in reports.items():
-        for sparsity, rows in _by_sparsity(report).items():
-            found = dict(rows)
+        wins = []  # where EvoP is strictly better than SLEB, greedy removal being most myopic
+        for sparsity, found in _by_sparsity(report).items():
             if "evop" not in found:
                 continue
             evop = found["evop"]
@@ -100,12 +100,7 @@ def verdicts(reports: dict[str, dict]) -> list[str]:
                 f" | seconds vs SLEB {evop['search_seconds']:,.0f} / {sleb_seconds:,.0f}"
                 + (f" | not run: {', '.join(missing)}" if missing else "")
             )
-        # And once per model: strictly better than SLEB where greedy removal is most myopic.
-        wins = []
-        for sparsity, rows in _by_sparsity(report).items():
-            found = dict(rows)
-            compared = sparsity >= 0.3 and {"evop", "sleb"} <= found.keys()
-            if compared and _mean(found["evop"]) < _mean(found["sleb"]):
+            if sparsity >= 0.3 and sleb and mean < _mean(sleb):
                 wins.append(f"{sparsity:.0%}")
         lines.append(f"{name}: strictly below SLEB's geomean at 30% or 40%: {', '.join(wins) or 'no'}")
     return lines
@@ -115,13 +110,14 @@ def _mean(row: dict) -> float:
     return geomean(list(row["heldout_ppl"].values()))
 
 
-def _by_sparsity(report: dict) -> dict[float, list[tuple[str, dict]]]:
-    units, out = report["units"], {}
+def _by_sparsity(report: dict) -> dict[float, dict[str, dict]]:
+    """The judged main-table rows of a comparison, per sparsity, method -> row in :data:`ORDER`."""
+    units = report["units"]
     main_rows = [u for key, u in units.items() if key.startswith("main/") and "heldout_ppl" in u]
-    sparsities = sorted({u["sparsity"] for u in main_rows})
-    for sparsity in sparsities:
-        rows = [(m, units.get(f"main/{m}/{sparsity}")) for m in ORDER]
-        out[sparsity] = [(m, r) for m, r in rows if r and r.get("heldout_ppl")]
+    out = {}
+    for sparsity in sorted({u["sparsity"] for u in main_rows}):
+        rows = {m: units.get(f"main/{m}/{sparsity}") for m in ORDER}
+        out[sparsity] = {m: r for m, r in rows.items() if r and r.get("heldout_ppl")}
     return out
 
 

@@ -404,9 +404,11 @@ def test_the_readme_table_checks_issue_11s_targets_with_their_margins():
         }  # fmt: skip
 
     def report(evop):
-        units = {"dense": {"calib_fitness": 2.0, "heldout_ppl": {"news": 2.0, "books": 3.0}}}
-        for method, r in {"evop": evop, "sleb": row("sleb", 10.0, 10.0, seconds=20.0)}.items():
-            units[f"main/{method}/0.3"] = r
+        units = {
+            "dense": {"calib_fitness": 2.0, "heldout_ppl": {"news": 2.0, "books": 3.0}},
+            "main/evop/0.3": evop,
+            "main/sleb/0.3": row("sleb", 10.0, 10.0, seconds=20.0),
+        }
         return {"num_layers": 10, "units": units}
 
     ok = verdicts({"m": report(row("evop", 9.0, 10.1))})[0]
