@@ -2,8 +2,8 @@
 
 Reads the ``compare.json`` of finished (or partly finished) ``evop compare`` runs::
 
-    python benchmarks/compare_table.py SmolLM2=runs/compare-demo/compare/compare.json \\
-        Gemma-3=runs/compare-gemma3/compare/compare.json
+    python benchmarks/compare_table.py SmolLM2=benchmarks/results/compare-smollm2/compare/compare.json \\
+        Gemma-3=benchmarks/results/compare-gemma3/compare/compare.json
 
 prints one markdown table (best held-out value per domain and sparsity in bold), then, per model
 and sparsity, whether EvoP meets the targets: its geometric mean over the held-out domains at or

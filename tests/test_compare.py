@@ -435,3 +435,37 @@ def test_only_the_anytime_points_the_plot_needs_are_judged():
     assert anytime_to_judge("sleb", trace[:3]) == trace[:3]
     # Every other method: its final pattern only.
     assert anytime_to_judge("random", trace) == trace[-1:]
+
+
+def test_every_search_runs_before_the_anytime_curves_are_judged(tiny_dir, texts, tmp_path, monkeypatch):
+    """A held-out judgement is costly (about 11 min a pattern on Gemma-3 on one core): a run
+    stopped early has spent its time on the searches, and judges only their final patterns."""
+    from evop.eval.compare import Comparison
+    from evop.eval.compare_judge import Judge
+
+    events: list[tuple[str, str]] = []
+    search, heldout = Comparison.search, Judge.heldout
+
+    def logged_search(self, method, *args, **kwargs):
+        outcome = search(self, method, *args, **kwargs)
+        events.append(("search", str(outcome.pattern)))
+        return outcome
+
+    def logged_heldout(self, pattern):
+        events.append(("judge", "dense" if pattern is None else str(pattern)))
+        return heldout(self, pattern)
+
+    monkeypatch.setattr(Comparison, "search", logged_search)
+    monkeypatch.setattr(Judge, "heldout", logged_heldout)
+    config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
+    out = tmp_path / "cmp"
+    args = ["--methods", "evop,sleb", "--sparsities", "0.25,0.375", "--ablation-seeds", "", "--optimum-k", "0"]
+    assert main(["compare", "--config", str(config), "--out", str(out), *args]) == 0
+
+    last_search = max(i for i, (kind, _) in enumerate(events) if kind == "search")
+    finals = {"dense"} | {p for kind, p in events if kind == "search"}
+    assert {p for kind, p in events[:last_search] if kind == "judge"} <= finals
+    units = json.loads((out / COMPARE_FILE).read_text())["units"]
+    curves = [units[f"main/{m}/{s}"]["anytime"] for m in ("evop", "sleb") for s in (0.25, 0.375)]
+    assert all(p["heldout_geomean"] > 0 for curve in curves for p in curve)
+    assert any(len(curve) > 1 for curve in curves)  # the test would be empty without earlier points

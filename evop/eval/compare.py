@@ -280,19 +280,37 @@ class Comparison:
         def compute() -> dict[str, Any]:
             outcome = self.search(method, k, calib, budget=budget)
             row = self.row(outcome, sparsity, calib)
-            # The anytime curve: held-out quality of the method's best pattern so far.
+            # The anytime curve: held-out quality of the method's best pattern so far. Points
+            # not judged yet (None) are judged by run_anytime, after every search.
             row["anytime"] = [
-                {
-                    "seconds": seconds,
-                    "pattern": pattern,
-                    "calib_fitness": fitness,
-                    "heldout_geomean": geomean(list(self.heldout(Pattern.parse(pattern)).values())),
-                }
+                {"seconds": seconds, "pattern": pattern, "calib_fitness": fitness, "heldout_geomean": None}
                 for seconds, pattern, fitness in anytime_to_judge(method, outcome.details["anytime"])
             ]
+            self._judge_anytime(row, judge=False)
             return row
 
         return self._guarded(compute, method, sparsity, k)
+
+    def _judge_anytime(self, row: dict[str, Any], judge: bool = True) -> bool:
+        """Fill the held-out geomean of ``row``'s anytime points: every point when ``judge``,
+        else only those whose pattern is judged already. True when something was filled."""
+        filled = False
+        for point in row.get("anytime", []):
+            if point["heldout_geomean"] is not None:
+                continue
+            if not judge and not self.judge.judged(point["pattern"]):
+                continue
+            point["heldout_geomean"] = geomean(list(self.heldout(Pattern.parse(point["pattern"])).values()))
+            filled = True
+        return filled
+
+    def run_anytime(self) -> None:
+        """Judge the anytime points the searches left. It runs after every search of the run:
+        a point costs a held-out judgement (about 11 min on Gemma-3 on one core), and a run
+        stopped early should have spent its time on searches, which only it can do."""
+        for key, row in self.results["units"].items():
+            if key.startswith("main/") and self._judge_anytime(row):
+                self._save()
 
     def _guarded(self, compute, method: str, sparsity: float | None, k: int) -> dict[str, Any]:
         """A refused search (e.g. exhaustive over too many patterns) becomes a row saying why."""
@@ -350,6 +368,7 @@ class Comparison:
             self.run_ablation()
         if self.spec.optimum_k:
             self.run_optimum()
+        self.run_anytime()
         self._save()
         anytime_plot(self.report(), self.out / ANYTIME_PLOT)
         log.info("comparison finished in %.1f s -> %s", time.perf_counter() - start, self.out / TABLE_FILE)

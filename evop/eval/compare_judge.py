@@ -67,6 +67,11 @@ class Judge:
                 )
         return self._heldout
 
+    def judged(self, pattern: str) -> bool:
+        """Whether ``pattern`` (its string form) has a held-out score on every domain."""
+        scores = self.scores.get(pattern, {})
+        return all(domain_name(source) in scores for source in self.cfg.evaluation.heldout)
+
     def heldout(self, pattern: Pattern | None) -> dict[str, float | None]:
         """Held-out perplexity per domain of ``pattern`` (None: the dense model), memoised."""
         key = "dense" if pattern is None else str(pattern)
