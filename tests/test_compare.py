@@ -459,7 +459,8 @@ def test_every_search_runs_before_the_anytime_curves_are_judged(tiny_dir, texts,
     monkeypatch.setattr(Judge, "heldout", logged_heldout)
     config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
     out = tmp_path / "cmp"
-    args = ["--methods", "evop,sleb", "--sparsities", "0.25,0.375", "--ablation-seeds", "", "--optimum-k", "0"]
+    args = ["--methods", "evop,sleb", "--sparsities", "0.25,0.375", "--ablation-seeds", ""]
+    args += ["--optimum-k", "0"]
     assert main(["compare", "--config", str(config), "--out", str(out), *args]) == 0
 
     last_search = max(i for i, (kind, _) in enumerate(events) if kind == "search")
@@ -469,3 +470,46 @@ def test_every_search_runs_before_the_anytime_curves_are_judged(tiny_dir, texts,
     curves = [units[f"main/{m}/{s}"]["anytime"] for m in ("evop", "sleb") for s in (0.25, 0.375)]
     assert all(p["heldout_geomean"] > 0 for curve in curves for p in curve)
     assert any(len(curve) > 1 for curve in curves)  # the test would be empty without earlier points
+
+
+def test_the_oracle_finds_the_held_out_optimum_and_judges_it_in_full(tiny_dir, texts, tmp_path, capsys):
+    """``benchmarks/oracle.py`` on a space small enough to enumerate: its best pattern is the
+    exhaustive optimum of the held-out geometric mean on the same windows, and the interleaved
+    windows' perplexity is that geometric mean (equal windows per domain)."""
+    from itertools import combinations
+
+    from benchmarks.oracle import interleaved
+    from benchmarks.oracle import main as oracle
+    from evop.config import load_config
+    from evop.eval.compare_report import geomean
+    from evop.eval.perplexity import text_blocks
+    from evop.method.patterns import Pattern
+    from evop.models.loading import load_model
+
+    config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
+    out = tmp_path / "oracle"
+    seed = "1,2,3"  # k = 3 of 8 layers at 0.375; layers 0 and 7 protected: C(6, 3) = 20 patterns
+    args = ["--config", str(config), "--sparsity", "0.375", "--seed", seed, "--windows", "2"]
+    args += ["--out", str(out)]
+    assert oracle([*args, "--generations", "1", "--confirm", "2"]) == 0
+    report = json.loads((out / "oracle-0.375.json").read_text())
+    printed = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("| ") for line in printed) == len(report["rows"]) + 1  # header, rows
+
+    cfg = load_config(str(config))
+    model, tokenizer = load_model(cfg.model)
+    e = cfg.evaluation
+    per_domain = [text_blocks(s, tokenizer, e.block_len, 2) for s in e.heldout]
+    whole = PatternScorer(model, interleaved(per_domain), "ppl", batch_size=2)
+    parts = [PatternScorer(model, blocks, "ppl", batch_size=2) for blocks in per_domain]
+    truth = {}
+    for removed in combinations(range(1, 7), 3):
+        pattern = Pattern.of(8, removed)
+        truth[str(pattern)] = whole(pattern)
+        assert math.isclose(truth[str(pattern)], geomean([p(pattern) for p in parts]), rel_tol=1e-4)
+    optimum = min(truth, key=truth.get)
+    rows = {r["pattern"]: r for r in report["rows"]}
+    assert rows[seed]["seed"] and optimum in rows
+    assert math.isclose(rows[optimum]["oracle_ppl"], truth[optimum], rel_tol=1e-4)
+    # The seeds and the best patterns are judged on the comparison's full held-out windows.
+    assert all(set(r["heldout_ppl"]) == {"news", "books"} for r in rows.values())
