@@ -509,7 +509,7 @@ def test_the_oracle_finds_the_held_out_optimum_and_judges_it_in_full(tiny_dir, t
         assert math.isclose(truth[str(pattern)], geomean([p(pattern) for p in parts]), rel_tol=1e-4)
     optimum = min(truth, key=truth.get)
     rows = {r["pattern"]: r for r in report["rows"]}
-    assert rows[seed]["seed"] and optimum in rows
+    assert rows[f"{seed}/8"]["seed"] and optimum in rows
     assert math.isclose(rows[optimum]["oracle_ppl"], truth[optimum], rel_tol=1e-4)
     # The seeds and the best patterns are judged on the comparison's full held-out windows.
     assert all(set(r["heldout_ppl"]) == {"news", "books"} for r in rows.values())
