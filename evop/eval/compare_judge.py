@@ -8,6 +8,8 @@ search or calibration config.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,8 @@ from evop.records import finite_or_none, write_json_atomic
 
 if TYPE_CHECKING:
     from evop.method.fitness import PatternScorer
+
+log = logging.getLogger(__name__)
 
 
 class Judge:
@@ -78,7 +82,10 @@ class Judge:
         scores = self.scores.setdefault(key, {})
         for domain, scorer in self.heldout_scorers().items():
             if domain not in scores:
+                start = time.perf_counter()
                 scores[domain] = finite_or_none(scorer.dense() if pattern is None else scorer(pattern))
+                seconds = time.perf_counter() - start
+                log.info("held-out %s on %s: ppl %s (%.0f s)", key, domain, scores[domain], seconds)
                 # Judging is costly too (a large vocabulary): a stopped comparison keeps every
                 # finished domain of every pattern.
                 self.save()
