@@ -80,8 +80,14 @@ def test_dense_prefix_cache_gives_identical_scores_and_skips_the_prefix(model_ty
     model = tiny_model(model_type, num_layers=6)
     blocks = random_blocks(5, 16)
     plain = PatternScorer(model, blocks, batch_size=2)
+    built = []  # what building the cache runs: layers 0-4 (the inputs of 1-5), never the head
+    modules = [*enumerate(layer_access(model).layers(model)), ("head", model.get_output_embeddings())]
+    handles = [module.register_forward_hook(lambda m, a, o, j=j: built.append(j)) for j, module in modules]
     cached = PatternScorer(model, blocks, batch_size=2, prefix_cache_mb=64)
+    for h in handles:
+        h.remove()
     assert cached._prefix.depth == 5
+    assert sorted(set(built), key=str) == [0, 1, 2, 3, 4]
     for removed in ([1], [2, 4], [3], [5], [0, 2], [4, 5], [1, 2, 3, 4]):
         pattern = Pattern.of(6, removed)
         assert cached(pattern) == plain(pattern), removed  # bit-identical, not just close
