@@ -15,8 +15,8 @@ This is a measurement, not a method: it fits the test text. No search setting ma
 
 Racing (the config's settings) stops hopeless candidates early, as in EvoP's search; each domain
 contributes one window to every stage, so a stage's loss is a sample of all domains. Scores are
-memoised in ``--out`` (resumable), and the final judgements are cached there like the
-comparison's.
+memoised in ``--out`` (resumable); the final judgements share the comparison's cache
+(``<output_dir>/compare/heldout-*.json``).
 """
 
 from __future__ import annotations
@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         if math.isfinite(f) and len(state.stage_sums.get(p, [0] * stages)) == stages  # not raced out
     }
     best = sorted(scored, key=lambda p: (scored[p], p))[: args.confirm]
-    judge = Judge(cfg, model, tokenizer, out, lm_eval=False)
+    # The comparison's judgements (same model and windows): its patterns are not judged again.
+    judged = Path(cfg.output_dir) / "compare"
+    judged.mkdir(parents=True, exist_ok=True)
+    judge = Judge(cfg, model, tokenizer, judged, lm_eval=False)
     rows = []
     for pattern in dict.fromkeys([*(str(p) for p in seeds), *best]):
         domains = judge.heldout(Pattern.parse(pattern))

@@ -513,3 +513,22 @@ def test_the_oracle_finds_the_held_out_optimum_and_judges_it_in_full(tiny_dir, t
     assert math.isclose(rows[optimum]["oracle_ppl"], truth[optimum], rel_tol=1e-4)
     # The seeds and the best patterns are judged on the comparison's full held-out windows.
     assert all(set(r["heldout_ppl"]) == {"news", "books"} for r in rows.values())
+
+
+def test_two_judges_of_one_model_keep_each_others_scores(tiny_dir, texts, tmp_path):
+    """A comparison and the oracle (or two comparisons) judging into the same folder at once:
+    neither write drops the other's judgements."""
+    from evop.config import load_config
+    from evop.eval.compare_judge import Judge
+    from evop.method.patterns import Pattern
+    from evop.models.loading import load_model
+
+    cfg = load_config(str(write_config(tiny_dir, texts, tmp_path / "compare.yaml")))
+    model, tokenizer = load_model(cfg.model)
+    first, second = (Judge(cfg, model, tokenizer, tmp_path, lm_eval=False) for _ in range(2))
+    first.heldout(Pattern.of(8, [3]))
+    second.heldout(Pattern.of(8, [4]))  # saved after first's write, from a dict without [3]
+    first.heldout(None)  # and first saves again, from a dict without [4]
+    on_disk = json.loads(next(tmp_path.glob("heldout-*.json")).read_text())
+    assert set(on_disk) == {"3/8", "4/8", "dense"}
+    assert all(set(domains) == {"news", "books"} for domains in on_disk.values())

@@ -45,6 +45,13 @@ class Judge:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     def save(self) -> None:
+        """Write the scores, keeping those another process (a second comparison of the same model,
+        ``benchmarks/oracle.py``) wrote to the same file meanwhile."""
+        if self._heldout_path.is_file():
+            for pattern, domains in json.loads(self._heldout_path.read_text()).items():
+                mine = self.scores.setdefault(pattern, {})
+                for domain, value in domains.items():
+                    mine.setdefault(domain, value)
         write_json_atomic(self._heldout_path, self.scores)
 
     def heldout_scorers(self) -> dict[str, "PatternScorer"]:
