@@ -532,3 +532,6 @@ def test_two_judges_of_one_model_keep_each_others_scores(tiny_dir, texts, tmp_pa
     on_disk = json.loads(next(tmp_path.glob("heldout-*.json")).read_text())
     assert set(on_disk) == {"3/8", "4/8", "dense"}
     assert all(set(domains) == {"news", "books"} for domains in on_disk.values())
+    # A judged pattern is read back without building the held-out scorers (a dense forward each).
+    third = Judge(cfg, model, tokenizer, tmp_path, lm_eval=False)
+    assert third.heldout(Pattern.of(8, [4])) == on_disk["4/8"] and third._heldout is None

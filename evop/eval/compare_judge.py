@@ -86,6 +86,8 @@ class Judge:
     def heldout(self, pattern: Pattern | None) -> dict[str, float | None]:
         """Held-out perplexity per domain of ``pattern`` (None: the dense model), memoised."""
         key = "dense" if pattern is None else str(pattern)
+        if self.judged(key):  # without building the scorers: a dense forward per domain
+            return self.scores[key]
         scores = self.scores.setdefault(key, {})
         for domain, scorer in self.heldout_scorers().items():
             if domain not in scores:
