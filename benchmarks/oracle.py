@@ -27,9 +27,13 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
-def interleaved(per_domain: list) -> "object":
+def interleaved(per_domain: list["torch.Tensor"]) -> "torch.Tensor":
     """One window of each domain after the other (d0w0, d1w0, d2w0, d0w1, ...): batches of
     ``len(per_domain)`` windows then hold every domain once. Equal windows per domain make the
     mean loss over all tokens the mean of the domains' mean losses: exp of it is the geometric

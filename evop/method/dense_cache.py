@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from evop.errors import EvoPError
 from evop.method.patterns import Pattern
 from evop.models.layers import device_of, layer_access, layers_kept
 
@@ -60,9 +61,10 @@ class DenseTopK:
         return kl.sum()
 
 
-class _PrefixCaptured(Exception):
+class _PrefixCaptured(EvoPError):
     """Ends a forward once the deepest cached state is captured: what would follow (the last
-    layers and the head over the whole vocabulary, 3/4 of a Gemma-3 forward) is not needed."""
+    layers and the head over the whole vocabulary, 3/4 of a Gemma-3 forward) is not needed.
+    Raised on purpose and caught at once (an EvoPError, as every error class of the library)."""
 
 
 class DensePrefix:
