@@ -44,11 +44,21 @@ def interleaved(per_domain: list["torch.Tensor"]) -> "torch.Tensor":
     return torch.stack([b[:n] for b in per_domain], dim=1).reshape(-1, per_domain[0].shape[1])
 
 
+def layer_list(text: str) -> list[int]:
+    """``--seed`` as layer indices, checked before minutes of model loading."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated layer indices: {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a comparison config (configs/compare-*.yaml)")
     parser.add_argument("--sparsity", type=float, required=True)
-    parser.add_argument("--seed", action="append", required=True, help="a seed pattern, e.g. 6,7,8,9,16")
+    parser.add_argument(
+        "--seed", type=layer_list, action="append", required=True, help="a seed pattern, e.g. 6,7,8,9,16"
+    )
     parser.add_argument("--windows", type=int, default=16, help="held-out windows per domain scored")
     parser.add_argument("--generations", type=int, default=3, help="GA generations before the polish")
     parser.add_argument("--polish-rounds", type=int, default=10)
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(cfg.model)
     layers = num_layers(model)
     k = layers_to_remove(layers, args.sparsity)
-    seeds = [Pattern.of(layers, [int(x) for x in s.split(",")]) for s in args.seed]
+    seeds = [Pattern.of(layers, seed) for seed in args.seed]
     if any(p.k != k for p in seeds):
         raise SystemExit(f"every --seed must remove {k} layers (sparsity {args.sparsity} of {layers})")
 

@@ -472,6 +472,18 @@ def test_every_search_runs_before_the_anytime_curves_are_judged(tiny_dir, texts,
     assert any(len(curve) > 1 for curve in curves)  # the test would be empty without earlier points
 
 
+def test_the_oracle_rejects_a_malformed_seed_before_loading_anything(tmp_path, capsys):
+    """A typo in ``--seed`` is a usage error naming it, not a traceback after the model loads
+    (the config here does not even exist: parsing comes first)."""
+    from benchmarks.oracle import main as oracle
+
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        oracle(["--config", str(missing), "--sparsity", "0.3", "--seed", "6,x"])
+    assert exit_.value.code == 2
+    assert "not comma-separated layer indices: '6,x'" in capsys.readouterr().err
+
+
 def test_the_oracle_finds_the_held_out_optimum_and_judges_it_in_full(tiny_dir, texts, tmp_path, capsys):
     """``benchmarks/oracle.py`` on a space small enough to enumerate: its best pattern is the
     exhaustive optimum of the held-out geometric mean on the same windows, and the interleaved
