@@ -298,6 +298,51 @@ def test_score_memo_persists_throttled_and_survives_divergence():
     assert resumed.stages[str(q)][0] == staged.stages[str(q)][0] and len(resumed) == 1
 
 
+def test_evopress_stages_share_their_forwards_and_keep_their_charges():
+    """A cheap scorer on the full one's first batches shares the memo's stages: a survivor's full
+    score forwards only the stages its cheap score did not, and the old memo's cheap stages move
+    over. Each view still charges every stage it asks for, and EvoPress ends where it did."""
+    from evop.method.fitness import PatternScorer
+
+    model = tiny_model("llama", num_layers=8)
+    blocks = random_blocks(8, 16)
+
+    def search(shared: bool) -> tuple[Outcome, int, int, ScoreMemo]:
+        """EvoPress's outcome, the tokens its views charge and the tokens really forwarded."""
+        scorer = PatternScorer(model, blocks, batch_size=2)
+        cheap_scorer = scorer.first_blocks(0.5)
+        if not shared:
+            cheap_scorer.stages_prefix_of = None
+        memo = ScoreMemo(lambda data: None)
+        full, cheap = memo.fitness(scorer), memo.fitness(cheap_scorer, cheap=True)
+        before = scorer.tokens + cheap_scorer.tokens
+        outcome = evopress(full, cheap, 8, 3, generations=4, offspring=6, survivors=2, seed=0)
+        forwarded = scorer.tokens + cheap_scorer.tokens - before
+        return outcome, full.tokens + cheap.tokens, forwarded, memo
+
+    apart, apart_charged, apart_forwarded, _ = search(shared=False)
+    together, charged, forwarded, memo = search(shared=True)
+    assert (together.pattern, together.fitness, together.evaluations, together.cheap_evaluations) == (
+        apart.pattern,
+        apart.fitness,
+        apart.evaluations,
+        apart.cheap_evaluations,
+    )
+    assert charged == apart_charged == apart_forwarded  # EvoPress alone pays both of its stages
+    # Every pattern scored in full but the start was scored cheaply first: 2 of its 4 stages (of
+    # 2 x 16 tokens) had been forwarded.
+    assert together.evaluations > 3
+    assert forwarded == apart_forwarded - 2 * 32 * (together.evaluations - 1)
+    assert memo.cheap_stages == {}
+
+    old = ScoreMemo(
+        lambda data: None,
+        {"cheap_stages": {"1,2,3/8": [[1.0, 2.0], [0.5, 0.5]]}, "stages": {"1,2,3/8": [[1.0], [0.5]]}},
+    )
+    old.fitness(PatternScorer(model, blocks, batch_size=2).first_blocks(0.5), cheap=True)
+    assert old.stages == {"1,2,3/8": ([1.0, 2.0], [0.5, 0.5])} and old.cheap_stages == {}
+
+
 def test_run_method_dispatches_every_method():
     for method in ("evop", "sleb", "ppl-oneshot", "evopress", "random", "exhaustive", "shortgpt"):
         settings = SearchConfig(

@@ -57,6 +57,21 @@ def test_first_blocks_keeps_the_settings_on_a_prefix_of_the_blocks():
     assert full.first_blocks(0.01).blocks.shape[0] == 1  # never empty
 
 
+def test_first_blocks_is_a_stage_prefix_only_on_whole_batches_of_the_plain_mean():
+    """EvoPress's cheap scorer may share the full scorer's stage sums only when its stages are the
+    full scorer's first ones, number for number."""
+    model = tiny_model("llama")
+    blocks = random_blocks(8, 16)
+    full = PatternScorer(model, blocks, batch_size=2)
+    cheap = full.first_blocks(0.5)  # 4 blocks: the first 2 batches
+    assert cheap.stages_prefix_of is full and full.stages_prefix_of is None
+    pattern = Pattern.of(6, [2, 3])
+    assert cheap.stage_sums(pattern) == full.stage_sums(pattern, 0, 2)
+    assert full.first_blocks(0.375).stages_prefix_of is None  # 3 blocks: a half batch
+    clustered = PatternScorer(model, blocks, batch_size=2, aggregate="clusters", clusters=[0, 1] * 4)
+    assert clustered.first_blocks(0.5).stages_prefix_of is None  # batches grouped by cluster
+
+
 def test_kl_is_zero_for_dense_and_positive_when_pruned_with_bounded_memory():
     model = tiny_model("qwen2")
     blocks = random_blocks(4, 16)

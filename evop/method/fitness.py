@@ -159,6 +159,8 @@ class PatternScorer:
         calls: Patterns scored so far (the dense reference is not counted).
         seconds: Time spent scoring patterns.
         tokens: Tokens forwarded so far (dense reference included).
+        stages_prefix_of: The scorer whose first stages are exactly this one's (set by
+            :meth:`first_blocks`), or None.
     """
 
     def __init__(
@@ -198,6 +200,7 @@ class PatternScorer:
         self.tokens = 0
         device = device_of(model)
         self.stage_clusters: list[int] | None = None  # the cluster of each batch (cluster aggregates)
+        self.stages_prefix_of: PatternScorer | None = None  # see first_blocks
         if aggregate == "mean":
             batches = _batches(blocks, batch_size)
         else:
@@ -232,9 +235,11 @@ class PatternScorer:
 
     def first_blocks(self, fraction: float) -> "PatternScorer":
         """A scorer with the same settings on the first ``fraction`` of these blocks (at least
-        one): the cheap first stage of EvoPress's staged budgets."""
+        one): the cheap first stage of EvoPress's staged budgets. When its batches are this
+        scorer's first batches (plain mean, whole batches), its ``stages_prefix_of`` is this
+        scorer: its stage sums are this one's first ones, so a memo can share them."""
         n = max(1, round(fraction * self.blocks.shape[0]))
-        return PatternScorer(
+        cheap = PatternScorer(
             self.model,
             self.blocks[:n],
             self.metric,
@@ -245,6 +250,11 @@ class PatternScorer:
             self.aggregate,
             None if self.clusters is None else self.clusters[:n],
         )
+        # Cluster aggregates group blocks by cluster, so a prefix of blocks is not a prefix of batches.
+        whole_batches = n % self.batch_size == 0 or n == self.blocks.shape[0]
+        if self.stage_clusters is None and whole_batches:
+            cheap.stages_prefix_of = self
+        return cheap
 
     def _score(self, start: "DensePrefix | None" = None, pattern: Pattern | None = None) -> float:
         """Score the model as it stands (or from the dense prefix cache for ``pattern``)."""

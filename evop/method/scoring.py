@@ -188,12 +188,14 @@ class StagedCounting(CountingFitness):
         n = len(self.stage_tokens)
         if key not in self.memo:
             value = finite_score(lambda p: self.fitness.fitness_of(self.stage_sums(p)), pattern)
-            self.memo[key] = (value, math.fsum(self.stages.get(key, ([], []))[1]))
+            self.memo[key] = (value, math.fsum(self.stages.get(key, ([], []))[1][:n]))
             if self.on_new is not None:
                 self.on_new()
         value, cost = self.memo[key]
-        seconds = self.stages.get(key, ([], []))[1]
-        # A score memoised before stages were kept (or a diverged one) costs its full price.
+        # Shared stages may run past this view's last one (EvoPress's cheap stage: see
+        # ScoreMemo.fitness); a score memoised before stages were kept (or a diverged one) costs
+        # its full price.
+        seconds = self.stages.get(key, ([], []))[1][:n]
         self._pay(key, n, seconds if len(seconds) == n else [cost / n] * n, lambda: value)
         return value
 
@@ -305,10 +307,26 @@ class ScoreMemo:
 
     def fitness(self, scorer: FitnessFn, cheap: bool = False) -> CountingFitness:
         """A fresh per-method view of this memo (``cheap``: the first-stage scores); a
-        :class:`StagedCounting` when ``scorer`` is scored stage by stage."""
-        return counting(
-            scorer,
-            self.cheap if cheap else self.full,
-            self.cheap_stages if cheap else self.stages,
-            lambda: self.flush(force=False),
-        )
+        :class:`StagedCounting` when ``scorer`` is scored stage by stage.
+
+        A cheap scorer whose stages are the first stages of the full one (its
+        ``stages_prefix_of``: EvoPress's first stage on whole batches) shares ``stages`` with the
+        full views: a survivor's full score starts after the stages its cheap score forwarded,
+        and a pattern another method raced is not scored again. Each view still charges every
+        stage it asks for (EvoPress alone scores its two stages on separate samples)."""
+        stages = self.cheap_stages if cheap else self.stages
+        if cheap and getattr(scorer, "stages_prefix_of", None) is not None:
+            self._share_cheap_stages()
+            stages = self.stages
+        return counting(scorer, self.cheap if cheap else self.full, stages, lambda: self.flush(force=False))
+
+    def _share_cheap_stages(self) -> None:
+        """Move the cheap stages kept apart (memos written before stages were shared) into
+        ``stages`` where they run further and agree on the stages both hold."""
+        for key, (sums, secs) in list(self.cheap_stages.items()):
+            have = self.stages.get(key, ([], []))[0]
+            if have != sums[: len(have)]:
+                continue  # not the same stages: keep both apart
+            if len(sums) > len(have):
+                self.stages[key] = (list(sums), list(secs))
+            del self.cheap_stages[key]
