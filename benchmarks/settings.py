@@ -4,7 +4,8 @@ Each ``--variant`` is a name and config overrides on top of ``--config`` (and th
 overrides). Every variant's whole EvoP search runs through the library pipeline (its own
 checkpoint store under ``<out>/<name>``, so a re-run resumes), then the table compares the final
 pattern, its calibration fitness, evaluations, tokens forwarded, search seconds and held-out
-perplexity of the final pattern on each ``evaluation.heldout`` source. Token and seconds ratios
+perplexity of the final pattern on each ``evaluation.heldout`` source (judged once per pattern,
+kept in ``--judged``: a comparison's folder shares its judgements). Token and seconds ratios
 are against the first variant. Examples::
 
     # racing against full scoring on the demo's calibration set
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -51,15 +53,19 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated seeds: run every variant with search.seed = calibration.seed = each "
         "(a row per run plus a mean +- sd row per variant); empty: the config's seeds",
     )
+    parser.add_argument(
+        "--judged",
+        help="folder of held-out judgements to read and extend (default: --out); a comparison's "
+        "folder (<output_dir>/compare of a compare config) shares its judgements",
+    )
     parser.add_argument("overrides", nargs="*", help="overrides shared by every variant")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from evop.config import load_config
+    from evop.eval.compare_judge import Judge
     from evop.eval.compare_report import geomean
     from evop.eval.compare_spec import domain_name
-    from evop.eval.perplexity import text_blocks
-    from evop.method.fitness import PatternScorer
     from evop.method.patterns import Pattern
     from evop.pipeline.cache import cached_model
     from evop.pipeline.local import run_search
@@ -76,24 +82,27 @@ def main(argv: list[str] | None = None) -> int:
             result = run_search(cfg)
             rows.append({"variant": name, "label": label, "overrides": extra + seeded, "result": result})
     model, tokenizer = cached_model(cfg)
-    e = cfg.evaluation
-    heldout = {
-        domain_name(source): PatternScorer(
-            model, text_blocks(source, tokenizer, e.block_len, e.max_blocks), batch_size=e.batch_size
+    if args.heldout:
+        cfg = cfg.model_copy(
+            update={"evaluation": cfg.evaluation.model_copy(update={"heldout": args.heldout})}
         )
-        for source in args.heldout or e.heldout
-    }
+    # Judgements are memoised per pattern (most variants end at the same few) and persisted.
+    judged = Path(args.judged or args.out)
+    judged.mkdir(parents=True, exist_ok=True)
+    judge = Judge(cfg, model, tokenizer, judged, lm_eval=False)
+    domains = [domain_name(source) for source in cfg.evaluation.heldout]
     lines = [
         "| variant | removed layers | calib fitness | "
-        + " | ".join(f"{d} ppl" for d in heldout)
+        + " | ".join(f"{d} ppl" for d in domains)
         + " | geomean | evaluations | tokens forwarded | search s |",
-        "| --- " * (7 + len(heldout)) + "|",
+        "| --- " * (7 + len(domains)) + "|",
     ]
     first = rows[0]["result"]
     for row in rows:
         r = row["result"]
         pattern = Pattern.parse(r["pattern"])
-        row["heldout"] = {d: scorer(pattern) for d, scorer in heldout.items()}
+        scores = judge.heldout(pattern)
+        row["heldout"] = {d: math.inf if scores[d] is None else scores[d] for d in domains}
         row["geomean"] = geomean(list(row["heldout"].values()))
         tokens = r["tokens_forwarded"]
         token_ratio = first["tokens_forwarded"] / tokens if tokens else float("nan")
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {name} | {len(patterns)} distinct: {'; '.join(patterns)} | "
                 + _spread([row["result"]["fitness"] for row in group])
                 + " | "
-                + " | ".join(_spread([row["heldout"][d] for row in group]) for d in heldout)
+                + " | ".join(_spread([row["heldout"][d] for row in group]) for d in domains)
                 + f" | {_spread([row['geomean'] for row in group])} | "
                 + _spread([row["result"]["evaluations"] for row in group], 0)
                 + f" | {_spread([row['result']['tokens_forwarded'] for row in group], 0)} | "

@@ -235,6 +235,8 @@ def test_the_settings_benchmark_prints_racing_against_full_scoring_over_seeds(
     rows = json.loads((tmp_path / "o" / "settings.json").read_text())
     assert [r["label"] for r in rows] == ["full seed 0", "full seed 1", "racing seed 0", "racing seed 1"]
     assert rows[2]["result"]["tokens_forwarded"] <= rows[0]["result"]["tokens_forwarded"]
+    (judged,) = (tmp_path / "o").glob("heldout-*.json")  # each pattern judged once, kept for a re-run
+    assert set(json.loads(judged.read_text())) == {r["result"]["pattern"] for r in rows}
 
 
 def test_random_search_races_its_draws_to_the_same_best_for_fewer_tokens():
