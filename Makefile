@@ -34,7 +34,7 @@ assets: install
 
 test: assets
 	$(BIN)/evop assets gemma3   # the second model family of the real tier (once: cached)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15   # the slowest tests: the suite must stay under ~10 min on 2 cores
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not real"
