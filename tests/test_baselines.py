@@ -337,10 +337,14 @@ def test_evopress_stages_share_their_forwards_and_keep_their_charges():
 
     old = ScoreMemo(
         lambda data: None,
-        {"cheap_stages": {"1,2,3/8": [[1.0, 2.0], [0.5, 0.5]]}, "stages": {"1,2,3/8": [[1.0], [0.5]]}},
+        {
+            "cheap_stages": {"1,2,3/8": [[1.0, 2.0], [0.5, 0.5]], "1,2,4/8": [[3.0, 4.0], [0.5, 0.5]]},
+            "stages": {"1,2,3/8": [[1.0], [0.5]], "1,2,4/8": [[3.0, 4.0, 5.0], [0.5, 0.5, 0.5]]},
+        },
     )
     old.fitness(PatternScorer(model, blocks, batch_size=2).first_blocks(0.5), cheap=True)
-    assert old.stages == {"1,2,3/8": ([1.0, 2.0], [0.5, 0.5])} and old.cheap_stages == {}
+    assert old.stages == {"1,2,3/8": ([1.0, 2.0], [0.5, 0.5]), "1,2,4/8": ([3.0, 4.0, 5.0], [0.5] * 3)}
+    assert old.cheap_stages == {}
 
 
 def test_run_method_dispatches_every_method():

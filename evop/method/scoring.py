@@ -325,7 +325,8 @@ class ScoreMemo:
         ``stages`` where they run further and agree on the stages both hold."""
         for key, (sums, secs) in list(self.cheap_stages.items()):
             have = self.stages.get(key, ([], []))[0]
-            if have != sums[: len(have)]:
+            both = min(len(have), len(sums))
+            if have[:both] != sums[:both]:
                 continue  # not the same stages: keep both apart
             if len(sums) > len(have):
                 self.stages[key] = (list(sums), list(secs))
