@@ -16,7 +16,7 @@ from evop.baselines.greedy import sleb
 from evop.baselines.heuristics import ppl_oneshot, shortgpt
 from evop.baselines.sampling import SearchTooLargeError, exhaustive, random_search
 from evop.config import ConfigError, SearchConfig, build_config
-from evop.method.epps import run_epps
+from evop.method.epps import Seeding, run_epps, seed_search
 from evop.method.influence import layer_influence
 from evop.method.outcome import Outcome
 from evop.method.patterns import Pattern
@@ -256,6 +256,28 @@ def test_run_method_reports_tokens_forwarded_for_a_staged_fitness():
         assert outcome.tokens is not None and outcome.tokens > 0
         assert outcome.tokens <= outcome.evaluations * 20
         assert run_method(settings, 10, 2, separable).tokens is None  # not counted: unknown
+
+
+def test_evop_charges_its_seeding_alike_alone_and_in_a_comparison():
+    # The Block Influence forward (one pass over every block: 20 tokens) and the 10 single-layer
+    # removals of the ppl-oneshot seed are tokens forwarded too, standalone (run_epps, the
+    # pipeline) as in a comparison's shared view (run_method).
+    settings = SearchConfig(
+        num_remove=2,
+        protected_layers=[],
+        population=6,
+        generations=2,
+        initial_patterns=["shortgpt", "ppl-oneshot"],
+    )
+    influence = lambda: [-w for w in WEIGHTS]  # noqa: E731
+    seeding = seed_search(settings, 10, 2, StagedSeparable(), influence)
+    assert seeding.tokens == (1 + 10) * 20
+    assert seed_search(settings, 10, 2, separable, influence).tokens is None  # not counted: unknown
+    assert Seeding.from_json(seeding.to_json()) == seeding
+    alone = run_epps(StagedSeparable(), 10, 2, settings, influence=influence)
+    shared = run_method(settings, 10, 2, StagedSeparable(), influence=influence)
+    assert alone.pattern == shared.pattern and alone.evaluations == shared.evaluations
+    assert alone.tokens == shared.tokens > seeding.tokens
 
 
 def test_evaluations_to_best_reads_when_the_chosen_pattern_was_first_the_best():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -164,6 +166,8 @@ def test_the_scorer_staged_equals_full_scoring_exactly():
 def test_racing_in_the_pipeline_counts_tokens_into_the_result(tiny_dir, text_file, tmp_path):
     from evop.config import build_config
     from evop.pipeline.local import run_search
+    from evop.pipeline.search import finalize_search
+    from evop.pipeline.store import INITIAL_PATTERNS, RESULT, RunStore
 
     base = {
         "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
@@ -185,9 +189,18 @@ def test_racing_in_the_pipeline_counts_tokens_into_the_result(tiny_dir, text_fil
             {**base, "search": {**search, "racing_ratio": 1.05}, "output_dir": str(tmp_path / "raced")}
         )
     )
-    assert plain["tokens_forwarded"] == plain["evaluations"] * 8 * 32
+    # Every candidate costs all 8 blocks of 32 tokens, and so does the dense Block Influence forward
+    # behind the ShortGPT seed and the mutation prior: the same charge as `evop compare`'s.
+    assert plain["seeding_tokens"] == 8 * 32
+    assert plain["tokens_forwarded"] == (plain["evaluations"] + 1) * 8 * 32
     assert raced["tokens_forwarded"] <= plain["tokens_forwarded"]
-    assert raced["history"][-1]["tokens"] == raced["tokens_forwarded"]
+    assert raced["history"][-1]["tokens"] + raced["seeding_tokens"] == raced["tokens_forwarded"]
+    # A search stored before its seeding's tokens were counted gets them when its result is built.
+    run = RunStore(build_config({**base, "search": search}))
+    seeding = run.get_json(INITIAL_PATTERNS)
+    run.put_json(INITIAL_PATTERNS, {k: v for k, v in seeding.items() if k != "tokens"})
+    Path(urlparse(run.url(RESULT)).path).unlink()
+    assert finalize_search(run.cfg)["tokens_forwarded"] == plain["tokens_forwarded"]
     # The cluster aggregates race too: each batch holds one cluster's blocks.
     worst = run_search(
         build_config(

@@ -42,12 +42,16 @@ class Seeding:
         evaluations: Patterns scored only to find the seeds (e.g. the single-layer removals of
             ``ppl-oneshot``); the seeds themselves are scored again by the GA, whose memo counts them.
         seconds: Time spent seeding.
+        tokens: Tokens forwarded to seed: the Block Influence's dense forward over the calibration
+            blocks and the patterns scored only to find the seeds (None: the fitness does not
+            count tokens, e.g. a synthetic objective; or a seeding stored before it was counted).
     """
 
     patterns: list[str]
     block_influence: list[float] | None
     evaluations: int
     seconds: float
+    tokens: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +63,7 @@ class Seeding:
             block_influence=data.get("block_influence"),
             evaluations=int(data.get("evaluations", 0)),
             seconds=float(data.get("seconds", 0.0)),
+            tokens=data.get("tokens"),
         )
 
 
@@ -124,12 +129,22 @@ def seed_search(
         measured = [float(x) for x in influence()]
     asked = CountingFitness(fitness)  # what the seeding alone asked for, even of a shared view
     seeds = heuristic_seeds(settings, num_layers, k, asked, measured)
+    evaluations = sum(1 for p in asked.asked if Pattern.parse(p).k != k)
+    stage_tokens = getattr(fitness, "stage_tokens", None)
     return Seeding(
         patterns=[str(p) for p in seeds],
         block_influence=measured if settings.mutation_prior == "block-influence" else None,
-        evaluations=sum(1 for p in asked.asked if Pattern.parse(p).k != k),
+        evaluations=evaluations,
         seconds=round(time.perf_counter() - start, 3),
+        tokens=None if stage_tokens is None else seeding_tokens(settings, evaluations, stage_tokens),
     )
+
+
+def seeding_tokens(settings: SearchConfig, evaluations: int, stage_tokens: Sequence[int]) -> int:
+    """Tokens forwarded to seed EvoP's GA (:attr:`Seeding.tokens`): one pass over every calibration
+    block for the Block Influence (when the settings need it) and one per pattern scored only to
+    find the seeds (scored in full: there is no best to race them against yet)."""
+    return (int(needs_influence(settings)) + evaluations) * sum(stage_tokens)
 
 
 def build_search(
@@ -171,5 +186,7 @@ def run_epps(
     state = build_search(settings, num_layers, k, f, seeding).run()
     outcome = outcome_of_state(state, time.perf_counter() - start)
     outcome.evaluations = f.evaluations
+    if outcome.tokens is not None and seeding.tokens is not None:
+        outcome.tokens += seeding.tokens
     outcome.details["initial_patterns"] = seeding.patterns
     return outcome

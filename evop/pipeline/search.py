@@ -282,6 +282,7 @@ def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
     """Build ``result.json`` from the final checkpoint; write it to the store and ``output_dir``
     (with ``calibration.safetensors`` beside it for later perplexity checks)."""
     from evop.eval.perplexity import save_blocks
+    from evop.method.epps import seeding_tokens
     from evop.pipeline.results import RESULT_FILE, build_result
     from evop.records import write_json_atomic
 
@@ -303,13 +304,20 @@ def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
         if state is None or not state.done:
             raise RuntimeError(f"the search at {run.url()} is not finished")
         dense = cached_scorer(run).dense()
-        seeding = run.get_json(INITIAL_PATTERNS) or {"patterns": [], "evaluations": 0, "seconds": 0.0}
+        unseeded = {"patterns": [], "evaluations": 0, "seconds": 0.0, "tokens": 0}
+        seeding = run.get_json(INITIAL_PATTERNS) or unseeded
         wall = sum(h["seconds"] for h in state.history) + seeding["seconds"]
         final, validation = _validate(run, state)
         result = build_result(cfg, state, dense, run.get_json(SAMPLE)["summary"], wall, final)
         if validation is not None:
             result["validation"] = validation
         result["evaluations"] += seeding["evaluations"]
+        if result["tokens_forwarded"] is not None:  # the GA's tokens; seeding forwarded some too
+            tokens = seeding.get("tokens")
+            if tokens is None:  # a seeding stored before its tokens were counted
+                tokens = seeding_tokens(cfg.search, seeding["evaluations"], cached_scorer(run).stage_tokens)
+            result["tokens_forwarded"] += tokens
+            result["seeding_tokens"] = tokens
         result["initial_patterns"] = seeding["patterns"]
         result["checkpoints"] = run.url()
         run.put_json(RESULT, result)
