@@ -215,3 +215,50 @@ def test_the_pipeline_on_ray_resumes_after_its_driver_is_killed(local_ray, tiny_
         forget_models()
     assert result["history"][killed_at]["generation"] == killed_at
     assert comparable(result) == comparable(reference)
+
+
+def test_evop_compare_on_ray_finds_what_one_process_finds(local_ray, tiny_dir, tmp_path, monkeypatch):
+    """`evop compare` with ``scale.backend: ray``: the actors score every calibration set's
+    patterns (one pool at a time, the next set's after the last one's is shut down), and every row
+    is the one-process row: pattern, evaluations, tokens."""
+    import json
+    import shutil
+
+    import yaml
+
+    from evop.cli import main
+    from evop.eval.compare_spec import COMPARE_FILE
+    from evop.method.parallel import RayPool
+    from tests.test_compare import write_config
+    from tests.tiny_models import write_docs, write_sentences
+
+    texts = {
+        "calibration": write_docs(tmp_path / "wiki.jsonl"),
+        "news": write_docs(tmp_path / "news.jsonl", seed=7),
+        "books": write_docs(tmp_path / "books.jsonl", seed=8),
+        "sentences": write_sentences(tmp_path / "sentences.jsonl"),
+    }
+    local_cfg = write_config(tiny_dir, texts, tmp_path / "local.yaml")
+    on_ray = yaml.safe_load(local_cfg.read_text()) | {"scale": {"backend": "ray", "workers": 1}}
+    (tmp_path / "ray.yaml").write_text(yaml.safe_dump(on_ray))
+    pools: list[dict] = []
+    shutdown = RayPool.shutdown
+    monkeypatch.setattr(RayPool, "shutdown", lambda self: (pools.append(dict(self.jobs)), shutdown(self)))
+    args = ["--methods", "evop,evopress", "--sparsities", "0.25", "--ablation-seeds", "1", "--optimum-k", "0"]
+    units = {}
+    for name in ("local", "ray"):
+        out = tmp_path / name
+        if name == "ray":  # the held-out judgements are this process's either way: not made again
+            out.mkdir()
+            for judged in (tmp_path / "local").glob("heldout-*.json"):
+                shutil.copy(judged, out / judged.name)
+        assert main(["compare", "--config", str(tmp_path / f"{name}.yaml"), "--out", str(out), *args]) == 0
+        units[name] = json.loads((out / COMPARE_FILE).read_text())["units"]
+    # The main calibration set, then each ablation set (CCDS and random sampling, seed 1).
+    assert len(pools) == 3 and all(jobs.get("race", 0) > 0 for jobs in pools)
+    assert units["ray"].keys() == units["local"].keys()
+    for key, row in units["local"].items():
+        other = units["ray"][key]
+        for field in ("pattern", "evaluations", "cheap_evaluations", "tokens_forwarded"):
+            assert other.get(field) == row.get(field), (key, field)
+        assert other["calib_fitness"] == pytest.approx(row["calib_fitness"], rel=1e-5), key

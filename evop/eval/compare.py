@@ -18,7 +18,8 @@ Work is shared and resumable: every pattern score goes into a memo per calibrati
 it stopped. Reported search times are what each method would have spent *alone*: the first
 measured cost of every pattern it asked for, shared scores included. Chosen patterns are scored
 on held-out text with their layers skipped in place (the same perplexity as the saved pruned
-checkpoint, ``tests/test_models.py``), so no checkpoint is written per row.
+checkpoint, ``tests/test_models.py``), so no checkpoint is written per row. With ``scale.backend:
+ray`` a pool of Ray actors scores the calibration patterns (:mod:`evop.method.parallel`).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class Comparison:
         # name -> (blocks (n, T), summary, each block's CCDS cluster or None)
         self._calibration: dict[str, tuple[torch.Tensor, dict[str, Any], list[int] | None]] = {}
         self._scorers: dict[str, PatternScorer] = {}
+        self._pool: tuple[str, Any] | None = None  # (calibration set, its RayPool): scale.backend ray
         self._memos: dict[str, ScoreMemo] = {}
         self.judge = Judge(cfg, self.model, self.tokenizer, self.out, spec.lm_eval)
         self.heldout, self.downstream = self.judge.heldout, self.judge.downstream
@@ -173,9 +175,34 @@ class Comparison:
                 self._scorers[key] = full.first_blocks(self.cfg.search.evopress_cheap_fraction)
             else:
                 blocks, _, clusters = self._calibration[calib]
-                fitness = self.cfg.fitness
-                self._scorers[key] = PatternScorer.from_config(self.model, blocks, fitness, clusters)
+                fitness, ray = self.cfg.fitness, self.cfg.scale.backend == "ray"
+                if ray:  # the actors score; this process reads the layout and scores the dense model
+                    fitness = fitness.model_copy(update={"prefix_cache_mb": 0})
+                scorer = PatternScorer.from_config(self.model, blocks, fitness, clusters)
+                self._scorers[key] = self._on_ray(calib, scorer) if ray else scorer
         return self._scorers[key]
+
+    def _on_ray(self, calib: str, local: "PatternScorer") -> Any:
+        """``local``'s patterns scored by a pool of Ray actors (``cfg.scale``), as the pipeline's
+        search does. One pool at a time: the actors hold one calibration set, so the pool of the
+        previous set is shut down (its scores are in its memo) and its scorers forgotten."""
+        from evop.method.parallel import ParallelScorer, RayPool
+
+        if self._pool is not None and self._pool[0] != calib:
+            previous, pool = self._pool
+            pool.shutdown()
+            self._scorers = {k: v for k, v in self._scorers.items() if not k.startswith(f"{previous}/")}
+            self._pool = None
+        if self._pool is None:
+            blocks, _, clusters = self._calibration[calib]
+            self._pool = (calib, RayPool(self.cfg.scale, self.cfg.model, blocks, self.cfg.fitness, clusters))
+        return ParallelScorer(local, self._pool[1])
+
+    def close(self) -> None:
+        """Shut down the Ray pool, if any (its actors hold a model each)."""
+        if self._pool is not None:
+            self._pool[1].shutdown()
+            self._pool = None
 
     def fitness(self, calib: str, cheap: bool = False) -> CountingFitness:
         """A fresh per-method view of the shared, persisted memo of ``calib``."""
@@ -363,12 +390,15 @@ class Comparison:
     def run(self) -> dict[str, Any]:
         """Run every part (finished parts are read back), write ``compare.json`` and ``compare.md``."""
         start = time.perf_counter()
-        self.run_main()
-        if self.spec.ablation_seeds:
-            self.run_ablation()
-        if self.spec.optimum_k:
-            self.run_optimum()
-        self.run_anytime()
+        try:
+            self.run_main()
+            if self.spec.ablation_seeds:
+                self.run_ablation()
+            if self.spec.optimum_k:
+                self.run_optimum()
+        finally:
+            self.close()
+        self.run_anytime()  # held-out judgements: in this process
         self._save()
         anytime_plot(self.report(), self.out / ANYTIME_PLOT)
         log.info("comparison finished in %.1f s -> %s", time.perf_counter() - start, self.out / TABLE_FILE)
