@@ -175,15 +175,15 @@ class Comparison:
                 self._scorers[key] = full.first_blocks(self.cfg.search.evopress_cheap_fraction)
             else:
                 blocks, _, clusters = self._calibration[calib]
-                fitness, ray = self.cfg.fitness, self.cfg.scale.backend == "ray"
-                if ray:  # the actors score; this process reads the layout and scores the dense model
-                    fitness = fitness.model_copy(update={"prefix_cache_mb": 0})
-                scorer = PatternScorer.from_config(self.model, blocks, fitness, clusters)
-                self._scorers[key] = self._on_ray(calib, scorer) if ray else scorer
+                if self.cfg.scale.backend == "ray":  # the actors score; this process reads the layout
+                    self._scorers[key] = self._on_ray(calib)
+                else:
+                    fitness = self.cfg.fitness
+                    self._scorers[key] = PatternScorer.from_config(self.model, blocks, fitness, clusters)
         return self._scorers[key]
 
-    def _on_ray(self, calib: str, local: "PatternScorer") -> Any:
-        """``local``'s patterns scored by a pool of Ray actors (``cfg.scale``), as the pipeline's
+    def _on_ray(self, calib: str) -> Any:
+        """The scorer of ``calib`` on a pool of Ray actors (``cfg.scale``), as the pipeline's
         search does. One pool at a time: the actors hold one calibration set, so the pool of the
         previous set is shut down (its scores are in its memo) and its scorers forgotten."""
         from evop.method.parallel import ParallelScorer, RayPool
@@ -193,10 +193,10 @@ class Comparison:
             pool.shutdown()
             self._scorers = {k: v for k, v in self._scorers.items() if not k.startswith(f"{previous}/")}
             self._pool = None
+        blocks, _, clusters = self._calibration[calib]
         if self._pool is None:
-            blocks, _, clusters = self._calibration[calib]
             self._pool = (calib, RayPool(self.cfg.scale, self.cfg.model, blocks, self.cfg.fitness, clusters))
-        return ParallelScorer(local, self._pool[1])
+        return ParallelScorer.on_pool(self.model, blocks, self.cfg.fitness, clusters, self._pool[1])
 
     def close(self) -> None:
         """Shut down the Ray pool, if any (its actors hold a model each)."""

@@ -308,6 +308,17 @@ class ParallelScorer:
         self.pool = pool
         self.fraction = fraction
 
+    @classmethod
+    def on_pool(
+        cls, model: Any, blocks: "torch.Tensor", fitness: "FitnessConfig", clusters: Any, pool: RayPool
+    ) -> "ParallelScorer":
+        """The scorer of ``blocks`` whose patterns ``pool`` scores; the local one only reads the
+        stage layout, so it keeps no prefix cache (the actors hold theirs)."""
+        from evop.method.fitness import PatternScorer
+
+        no_cache = fitness.model_copy(update={"prefix_cache_mb": 0})
+        return cls(PatternScorer.from_config(model, blocks, no_cache, clusters), pool)
+
     def __getattr__(self, name: str) -> Any:  # layout, model, blocks, num_layers... of the local one
         return getattr(self.local, name)
 

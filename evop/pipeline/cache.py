@@ -46,25 +46,21 @@ def cached_scorer(run: RunStore) -> "PatternScorer":
             )
         model, _ = cached_model(run.cfg)
         clusters = (run.get_json(SAMPLE) or {}).get("clusters") or None  # each block's CCDS cluster
-        fitness = run.cfg.fitness
         if run.cfg.scale.backend == "ray":  # the actors score; here only the layout is read
-            no_cache = fitness.model_copy(update={"prefix_cache_mb": 0})
-            local = PatternScorer.from_config(model, blocks, no_cache, clusters)
-            scorer = parallel_scorer(run.cfg, local, blocks, clusters)
+            _SCORERS[key] = parallel_scorer(run.cfg, model, blocks, clusters)
         else:
-            scorer = PatternScorer.from_config(model, blocks, fitness, clusters)
-        _SCORERS[key] = scorer
+            _SCORERS[key] = PatternScorer.from_config(model, blocks, run.cfg.fitness, clusters)
     return _SCORERS[key]
 
 
-def parallel_scorer(cfg: EvoPConfig, local: "PatternScorer", blocks: Any, clusters: Any) -> Any:
-    """``local``'s patterns scored on a pool of Ray actors (``cfg.scale``), the pool started once
+def parallel_scorer(cfg: EvoPConfig, model: Any, blocks: Any, clusters: Any) -> Any:
+    """The scorer of ``blocks`` on a pool of Ray actors (``cfg.scale``), the pool started once
     per process and kept with the scorer."""
     from evop.method.parallel import ParallelScorer, RayPool
 
     pool = RayPool(cfg.scale, cfg.model, blocks, cfg.fitness, clusters)
     _POOLS.append(pool)
-    return ParallelScorer(local, pool)
+    return ParallelScorer.on_pool(model, blocks, cfg.fitness, clusters, pool)
 
 
 def forget_models() -> None:
