@@ -173,13 +173,11 @@ class Comparison:
             if cheap:
                 full = self.scorer(calib)
                 self._scorers[key] = full.first_blocks(self.cfg.search.evopress_cheap_fraction)
+            elif self.cfg.scale.backend == "ray":  # the actors score; this process reads the layout
+                self._scorers[key] = self._on_ray(calib)
             else:
                 blocks, _, clusters = self._calibration[calib]
-                if self.cfg.scale.backend == "ray":  # the actors score; this process reads the layout
-                    self._scorers[key] = self._on_ray(calib)
-                else:
-                    fitness = self.cfg.fitness
-                    self._scorers[key] = PatternScorer.from_config(self.model, blocks, fitness, clusters)
+                self._scorers[key] = PatternScorer.from_config(self.model, blocks, self.cfg.fitness, clusters)
         return self._scorers[key]
 
     def _on_ray(self, calib: str) -> Any:
