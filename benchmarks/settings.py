@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, [*args.overrides, *extra, *seeded, f"output_dir={where}"])
             result = run_search(cfg)
             rows.append({"variant": name, "label": label, "overrides": extra + seeded, "result": result})
+    rows = merged(Path(args.out) / "settings.json", rows)
     model, tokenizer = cached_model(cfg)
     if args.heldout:
         cfg = cfg.model_copy(
@@ -113,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             + f" | {row['geomean']:.4g} | {r['evaluations']} | {tokens:,} ({token_ratio:.2f}x fewer) "
             f"| {r['wall_time_s']:.0f} ({time_ratio:.2f}x) |"
         )
-    if len(seeds) > 1:
-        lines += ["", f"Mean +- sd over seeds {args.seeds}:", "", *lines[:2]]
+    seeds_run = sorted(
+        {int(o.partition("=")[2]) for row in rows for o in row["overrides"] if o.startswith("search.seed=")}
+    )
+    if len(seeds_run) > 1:
+        lines += ["", f"Mean +- sd over seeds {','.join(map(str, seeds_run))}:", "", *lines[:2]]
         for name in dict.fromkeys(row["variant"] for row in rows):
             group = [row for row in rows if row["variant"] == name]
             patterns = sorted({",".join(map(str, row["result"]["removed_layers"])) for row in group})
@@ -135,6 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     (out / "settings.md").write_text("\n".join(lines) + "\n")
     (out / "settings.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return 0
+
+
+def merged(table: Path, rows: list[dict]) -> list[dict]:
+    """The rows of an earlier call into the same folder, updated by this call's (matched by label).
+
+    So several calls into one ``--out`` (say, two variants now and two more later) build one table
+    instead of the last call overwriting the others'. Earlier rows keep their place; new ones follow.
+    """
+    if not table.exists():
+        return rows
+    fresh = {row["label"]: row for row in rows}
+    earlier = [fresh.pop(row["label"], row) for row in json.loads(table.read_text())]
+    return earlier + list(fresh.values())
 
 
 def _spread(values: list[float], digits: int = 4) -> str:

@@ -250,6 +250,13 @@ def test_the_settings_benchmark_prints_racing_against_full_scoring_over_seeds(
     assert rows[2]["result"]["tokens_forwarded"] <= rows[0]["result"]["tokens_forwarded"]
     (judged,) = (tmp_path / "o").glob("heldout-*.json")  # each pattern judged once, kept for a re-run
     assert set(json.loads(judged.read_text())) == {r["result"]["pattern"] for r in rows}
+    # A later call into the same folder with some of the variants reads its finished runs back and
+    # keeps the other variants' rows: one table, not the last call's.
+    assert main([*args, "--variant", "full:"]) == 0
+    again = json.loads((tmp_path / "o" / "settings.json").read_text())
+    assert [r["label"] for r in again] == [r["label"] for r in rows]
+    assert [r["result"]["pattern"] for r in again] == [r["result"]["pattern"] for r in rows]
+    assert "| racing | " in capsys.readouterr().out
 
 
 def test_random_search_races_its_draws_to_the_same_best_for_fewer_tokens():
