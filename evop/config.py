@@ -78,6 +78,14 @@ class CalibrationConfig(_Section):
         "nearest", description="Which members of a cluster are drawn: nearest to centroid, or random."
     )
     seed: int = Field(0, description="Seed for pool selection, k-means and sampling.")
+    order: Literal["text", "mixed"] = Field(
+        "text",
+        description="Order of the calibration blocks, which decides what racing's first stages "
+        "(batches) see: 'text': the order of the text, so a stage holds neighbouring blocks, often of "
+        "one document; 'mixed': round-robin over the CCDS clusters (random sampling: over "
+        "n_clusters stretches of the text), so every stage mixes the kinds of text. The full "
+        "fitness is the same either way.",
+    )
 
     @model_validator(mode="after")
     def _enough_pool(self) -> "CalibrationConfig":
@@ -327,6 +335,7 @@ class RegistryConfig(_Section):
 
 
 HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("calibration", "order"): "text",
     ("fitness", "aggregate"): "mean",
     ("search", "racing_ratio"): None,
     ("search", "racing_min_stages"): 1,

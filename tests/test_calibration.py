@@ -17,6 +17,8 @@ from evop.method.calibration import (
     kmeans_sample,
     load_texts,
     random_sample,
+    round_robin,
+    sample_pool,
     token_blocks,
 )
 from tests.tiny_models import CharTokenizer, tiny_model
@@ -171,6 +173,35 @@ def test_build_calibration_set_with_model_embeddings():
         cfg.model_copy(update={"method": "random"}), CharTokenizer(), model, texts=texts
     )
     assert rnd.method == "random" and rnd.blocks.shape == (6, 16)
+
+
+def test_round_robin_takes_one_of_each_group_in_turn():
+    assert round_robin([0, 0, 1, 1, 2]) == [0, 2, 4, 1, 3]
+    assert round_robin([2, 2, 2, 0]) == [3, 0, 1, 2]  # groups in order; a spent group is skipped
+    assert round_robin([]) == []
+
+
+def test_mixed_order_makes_every_racing_batch_a_sample_of_all_clusters(blobs):
+    """calibration.order: 'mixed' draws the same blocks as 'text' and orders them round-robin over
+    the clusters, so the first batches racing judges a candidate on see every cluster."""
+    import torch
+
+    x, _ = blobs
+    pool = torch.arange(len(x)).unsqueeze(1).repeat(1, 4)  # block i holds token i
+    text = CalibrationConfig(dataset="unused", pool_size=len(x), n_samples=15, n_clusters=5, seed=0)
+    mixed = text.model_copy(update={"order": "mixed"})
+    a, b = sample_pool(pool, text, x), sample_pool(pool, mixed, x)
+    assert a.pool_indices == sorted(a.pool_indices)  # text order: as before
+    assert sorted(b.pool_indices) == a.pool_indices and b.pool_indices != a.pool_indices
+    assert b.blocks[:, 0].tolist() == b.pool_indices
+    assert sorted(b.sample_clusters) == sorted(a.sample_clusters)
+    assert len(set(b.sample_clusters[:5])) == 5  # the first five blocks: one of each cluster
+    assert len(set(a.sample_clusters[:5])) < 5
+    # Random sampling has no clusters: n_clusters stretches of the text stand in for them.
+    r_text = sample_pool(pool, text.model_copy(update={"method": "random"}), None)
+    r_mixed = sample_pool(pool, mixed.model_copy(update={"method": "random"}), None)
+    assert sorted(r_mixed.pool_indices) == r_text.pool_indices
+    assert r_mixed.pool_indices[:5] == r_text.pool_indices[::3]
 
 
 def test_unreachable_dataset_name_gives_a_clear_error(monkeypatch, tmp_path):

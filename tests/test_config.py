@@ -112,3 +112,5 @@ def test_cluster_aggregates_need_ccds_and_keep_earlier_hashes():
     demo = load_config("configs/demo.yaml")
     clusters = load_config("configs/demo.yaml", ["fitness.aggregate=clusters"])
     assert clusters.search_hash() != demo.search_hash()
+    assert load_config("configs/demo.yaml", ["calibration.order=text"]).search_hash() == demo.search_hash()
+    assert load_config("configs/demo.yaml", ["calibration.order=mixed"]).search_hash() != demo.search_hash()

@@ -115,6 +115,8 @@ class Comparison:
         f = self.cfg.fitness.model_dump(mode="json", exclude={"prefix_cache_mb"})
         f = without_neutral_defaults("fitness", f)  # memos of earlier versions stay valid
         payload = [self.cfg.model.model_dump(mode="json"), f, self.cfg.search.evopress_cheap_fraction]
+        if self.cfg.calibration.order != "text":  # the blocks of each stage (text order: earlier memos)
+            payload.append(self.cfg.calibration.order)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     def _load_results(self) -> dict[str, Any]:

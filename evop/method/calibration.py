@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,6 +323,22 @@ def kmeans_sample(
     return sorted(chosen), labels
 
 
+def round_robin(groups: Sequence[int]) -> list[int]:
+    """Positions ``0..n-1`` reordered round-robin over their groups (``groups[i]``: the group of
+    position ``i``): the first of each group in group order, then the second of each, and so on.
+
+    Racing judges a candidate on the first calibration batches: in text order those are
+    neighbouring blocks, often of one document, and a pattern that is better overall can lose
+    there by more than the racing ratio (on Gemma-3 at 20% the best pattern, 3% better on all 64
+    blocks, was 31% worse on the first 4 and raced out). Round-robin over the CCDS clusters makes
+    every batch a sample of the whole calibration text."""
+    members: dict[int, list[int]] = {}
+    for position, group in enumerate(groups):
+        members.setdefault(int(group), []).append(position)
+    ordered = [members[g] for g in sorted(members)]
+    return [m[r] for r in range(max(map(len, ordered), default=0)) for m in ordered if r < len(m)]
+
+
 def random_sample(pool_size: int, n_samples: int, seed: int = 0) -> list[int]:
     """The ablation baseline: ``n_samples`` distinct pool indices uniformly at random."""
     rng = np.random.default_rng(seed)
@@ -370,12 +387,16 @@ def sample_pool(
     """Draw the calibration set from the pool: CCDS on ``embeddings``, or uniformly at random."""
     if cfg.method == "random":
         idx = random_sample(pool.shape[0], cfg.n_samples, cfg.seed)
+        if cfg.order == "mixed":  # stretches of the text stand in for the clusters
+            idx = [idx[i] for i in round_robin([i * cfg.n_clusters // len(idx) for i in range(len(idx))])]
         return CalibrationSet(pool[idx], idx, "random", int(pool.shape[0]))
     if embeddings is None:
         raise ValueError("CCDS needs the pool's embeddings")
     idx, labels = kmeans_sample(
         embeddings, cfg.n_samples, cfg.n_clusters, cfg.per_cluster, cfg.within_cluster, cfg.seed
     )
+    if cfg.order == "mixed":
+        idx = [idx[i] for i in round_robin([int(labels[j]) for j in idx])]
     sizes = np.bincount(labels).tolist()
     log.info(
         "CCDS: %d blocks from a pool of %d in %d clusters (sizes %s)",
