@@ -65,6 +65,41 @@ def test_race_stops_a_hopeless_candidate_after_the_minimum_stages():
     assert len(race(objective, bad, None, ratio=1.5)) == 8  # no reference yet: scored in full
 
 
+class ClusteredBlocks:
+    """Known per-block losses of two patterns on a calibration set of 4 clusters (kinds of text)
+    x 4 blocks, in ``order``, raced in stages (batches) of 4 blocks. The winner is worse than the
+    reference on the first cluster by far more than the racing ratio and better on the other
+    three, so better overall: the Gemma-3 20% case, where text order put one cluster first."""
+
+    def __init__(self, order: list[int]):
+        self.clusters = [b // 4 for b in range(16)]  # text order: cluster by cluster
+        self.order = order
+        self.stage_tokens, self.stage_positions = [44] * 4, [40] * 4
+        self.loss = {"winner": [6.0, 4.0, 4.0, 4.0], "reference": [5.0, 4.5, 4.5, 4.5]}  # per cluster
+
+    def stage_sums(self, pattern: str, start: int = 0, stop: int | None = None) -> list[float]:
+        batches = [self.order[i : i + 4] for i in range(0, 16, 4)][start:stop]
+        return [sum(self.loss[pattern][self.clusters[b]] * 10 for b in batch) for batch in batches]
+
+    def fitness_of(self, sums: list[float]) -> float:
+        return math.exp(sum(sums) / (40 * len(sums)))
+
+
+def test_mixed_calibration_order_keeps_a_winner_text_order_races_out():
+    from evop.method.calibration import round_robin
+
+    text = ClusteredBlocks(list(range(16)))
+    mixed = ClusteredBlocks(round_robin(text.clusters))
+    for blocks in (text, mixed):
+        assert blocks.fitness_of(blocks.stage_sums("winner")) < blocks.fitness_of(
+            blocks.stage_sums("reference")
+        )
+    reference = text.stage_sums("reference")
+    assert len(race(text, "winner", reference, ratio=1.25, confidence=0.95)) == 1  # out at once
+    reference = mixed.stage_sums("reference")
+    assert len(race(mixed, "winner", reference, ratio=1.25, confidence=0.95)) == 4  # kept
+
+
 def test_paired_t_test_against_hand_computations():
     # diffs 0.1 and 0.3: mean 0.2, sd 0.1414, standard error 0.1, t = 2.0 with 1 degree of freedom;
     # the one-sided critical values are 3.078 at 0.9 and 1.0 at 0.75.
