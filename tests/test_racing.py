@@ -277,6 +277,11 @@ def test_the_settings_benchmark_prints_racing_against_full_scoring_over_seeds(
     racing = "racing: search.racing_ratio=1.05 search.racing_confidence=0.9"
     variants = ["--variant", "full:", "--variant", racing]
     assert main([*args, *variants]) == 0
+    # Four searches in one process keep one scorer (each holds a dense prefix cache of up to 1 GB).
+    from evop.method.fitness import PatternScorer
+    from evop.pipeline import cache
+
+    assert sum(isinstance(v, PatternScorer) for v in cache._SCORERS.values()) == 1
     table = capsys.readouterr().out
     assert "| full seed 0 |" in table and "| racing seed 1 |" in table and "fewer" in table
     assert "Mean +- sd over seeds 0,1" in table and "| racing | " in table and "geomean" in table

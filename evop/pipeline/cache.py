@@ -34,11 +34,18 @@ def cached_model(cfg: EvoPConfig) -> tuple[Any, Any]:
 
 
 def cached_scorer(run: RunStore) -> "PatternScorer":
-    """The pattern scorer of this run (model + calibration blocks), built once per process."""
+    """The pattern scorer of this run (model + calibration blocks), built once per process.
+
+    Only the last run's local scorer is kept: each holds a dense prefix cache of up to
+    ``fitness.prefix_cache_mb`` (1 GB by default), and a process that runs many searches one
+    after another (``benchmarks/settings.py``: 18 in one call) was killed for memory at 14.6 GB
+    when every run's stayed. Ray scorers stay with their pools (:func:`forget_models`)."""
     from evop.method.fitness import PatternScorer
 
     key = run.prefix
     if key not in _SCORERS:
+        for other in [k for k, v in _SCORERS.items() if isinstance(v, PatternScorer)]:
+            del _SCORERS[other]
         blocks = run.get_tensor(BLOCKS)
         if blocks is None:
             raise RuntimeError(
