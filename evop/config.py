@@ -80,11 +80,8 @@ class CalibrationConfig(_Section):
     seed: int = Field(0, description="Seed for pool selection, k-means and sampling.")
     order: Literal["text", "mixed"] = Field(
         "text",
-        description="Order of the calibration blocks, which decides what racing's first stages "
-        "(batches) see: 'text': the order of the text, so a stage holds neighbouring blocks, often of "
-        "one document; 'mixed': round-robin over the CCDS clusters (random sampling: over "
-        "n_clusters stretches of the text), so every stage mixes the kinds of text. The full "
-        "fitness is the same either way.",
+        description="Order of the calibration blocks, hence what racing's first batches see: 'text', "
+        "or 'mixed' (round-robin over the CCDS clusters; random sampling: over text stretches).",
     )
 
     @model_validator(mode="after")
@@ -402,12 +399,8 @@ class EvoPConfig(_Section):
         return self
 
     def search_hash(self) -> str:
-        """Short hash of everything that determines the search result (not where results go).
-
-        Fields added after searches were already checkpointed are left out while they hold their
-        default (:data:`HASH_NEUTRAL_DEFAULTS`): the search they describe is the one those
-        checkpoints hold, so it must keep its hash and resume.
-        """
+        """Short hash of everything that determines the search result (not where results go). Fields
+        at their :data:`HASH_NEUTRAL_DEFAULTS` are left out: earlier checkpoints keep their hash."""
         payload = self.model_dump(mode="json", include={"model", "calibration", "search", "fitness"})
         payload = {section: without_neutral_defaults(section, v) for section, v in payload.items()}
         blob = json.dumps(payload, sort_keys=True).encode()

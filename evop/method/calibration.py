@@ -324,16 +324,9 @@ def kmeans_sample(
 
 
 def round_robin(groups: Sequence[int]) -> list[int]:
-    """Positions ``0..n-1`` reordered round-robin over their groups (``groups[i]``: the group of
-    position ``i``): the first of each group in group order, then the second of each, and so on.
-
-    Racing judges a candidate on the first calibration batches: in text order those are
-    neighbouring blocks, often of one document, and a pattern that is better overall can lose
-    there by more than the racing ratio (on Gemma-3 at 20% the best pattern, 3% better on all 64
-    blocks, was 31% worse on the first 4 and raced out). Round-robin over the CCDS clusters makes
-    every batch a sample of the whole calibration text (``calibration.order: mixed``). Measured:
-    it finds that pattern, but changes the search's path elsewhere, for worse at 30% (README,
-    Racing), so it is not the default."""
+    """Positions ``0..n-1`` reordered round-robin over their groups (``groups[i]``), groups in order:
+    ``calibration.order: mixed``, so each racing batch holds blocks of several CCDS clusters (README,
+    Racing: it fixed a raced-out winner on Gemma-3 20% and did worse at 30%)."""
     members: dict[int, list[int]] = {}
     for position, group in enumerate(groups):
         members.setdefault(int(group), []).append(position)
@@ -400,15 +393,10 @@ def sample_pool(
     if cfg.order == "mixed":
         idx = [idx[i] for i in round_robin([int(labels[j]) for j in idx])]
     sizes = np.bincount(labels).tolist()
-    log.info(
-        "CCDS: %d blocks from a pool of %d in %d clusters (sizes %s)",
-        len(idx),
-        pool.shape[0],
-        len(sizes),
-        sizes,
-    )
+    n_pool = pool.shape[0]
+    log.info("CCDS: %d of %d pool blocks in %d clusters (sizes %s)", len(idx), n_pool, len(sizes), sizes)
     return CalibrationSet(
-        pool[idx], idx, "ccds", int(pool.shape[0]), len(sizes), sizes, [int(labels[i]) for i in idx]
+        pool[idx], idx, "ccds", int(n_pool), len(sizes), sizes, [int(labels[i]) for i in idx]
     )
 
 
