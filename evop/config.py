@@ -146,6 +146,11 @@ class SearchConfig(_Section):
         "on the same batches; it then ranks after every fully scored pattern. None: off (every "
         "candidate is scored on all blocks).",
     )
+    racing_widen: bool = Field(
+        False,
+        description="Racing: widen the ratio on the first batches, to racing_ratio ** sqrt(N / n) after "
+        "n of N batches (a partial mean's noise shrinks as 1/sqrt(n)); false: racing_ratio throughout.",
+    )
     racing_min_stages: int = Field(
         1, ge=1, description="Racing: batches a candidate is always scored on before it can be stopped."
     )
@@ -190,14 +195,10 @@ class SearchConfig(_Section):
         "'none': uniform swaps.",
     )
     budget: int | None = Field(
-        None,
-        ge=1,
-        description="Evaluations of 'random' (None: population x (generations + 1)).",
+        None, ge=1, description="Evaluations of 'random' (None: population x (generations + 1))."
     )
     exhaustive_limit: int = Field(
-        10_000,
-        ge=1,
-        description="'exhaustive' refuses problems with more candidate patterns than this.",
+        10_000, ge=1, description="'exhaustive' refuses problems with more candidate patterns than this."
     )
     evopress_generations: int | None = Field(
         None,
@@ -206,9 +207,7 @@ class SearchConfig(_Section):
     )
     evopress_offspring: int = Field(16, ge=1, description="Children per 'evopress' generation (lambda).")
     evopress_survivors: int = Field(
-        2,
-        ge=1,
-        description="Children of the cheap first stage re-scored on all calibration tokens.",
+        2, ge=1, description="Children of the cheap first stage re-scored on all calibration tokens."
     )
     evopress_cheap_fraction: float = Field(
         0.25,
@@ -337,6 +336,7 @@ HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("search", "racing_ratio"): None,
     ("search", "racing_min_stages"): 1,
     ("search", "racing_confidence"): None,
+    ("search", "racing_widen"): False,
     ("search", "validation_blocks"): 0,
     ("search", "validation_candidates"): 5,
 }

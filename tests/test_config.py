@@ -114,3 +114,4 @@ def test_cluster_aggregates_need_ccds_and_keep_earlier_hashes():
     assert clusters.search_hash() != demo.search_hash()
     assert load_config("configs/demo.yaml", ["calibration.order=text"]).search_hash() == demo.search_hash()
     assert load_config("configs/demo.yaml", ["calibration.order=mixed"]).search_hash() != demo.search_hash()
+    assert load_config("configs/demo.yaml", ["search.racing_widen=true"]).search_hash() != demo.search_hash()

@@ -100,6 +100,37 @@ def test_mixed_calibration_order_keeps_a_winner_text_order_races_out():
     assert len(race(mixed, "winner", reference, ratio=1.25, confidence=0.95)) == 4  # kept
 
 
+class KnownStages:
+    """Known per-stage mean losses of named patterns, 16 stages of 10 positions each."""
+
+    def __init__(self, losses: dict[str, list[float]]):
+        self.losses = losses
+        self.stage_tokens, self.stage_positions = [11] * 16, [10] * 16
+
+    def stage_sums(self, pattern: str, start: int = 0, stop: int | None = None) -> list[float]:
+        return [loss * 10 for loss in self.losses[pattern][start:stop]]
+
+    def fitness_of(self, sums: list[float]) -> float:
+        return math.exp(sum(sums) / (10 * len(sums)))
+
+
+def test_widened_ratio_keeps_a_winner_one_noisy_stage_puts_above_it_and_still_stops_the_hopeless():
+    # Gemma-3 20%: the winner was 31% above the best on the first of 16 stages and 3% below on all.
+    blocks = KnownStages(
+        {
+            "reference": [5.0] * 16,
+            "winner": [5.0 + math.log(1.31)] + [4.95] * 15,
+            "hopeless": [5.0 + math.log(3.0)] * 16,  # above 1.25 ** sqrt(16) = 2.44 at once
+        }
+    )
+    assert blocks.fitness_of(blocks.stage_sums("winner")) < blocks.fitness_of(blocks.stage_sums("reference"))
+    reference = blocks.stage_sums("reference")
+    rule = {"ratio": 1.25, "confidence": 0.95}
+    assert len(race(blocks, "winner", reference, **rule)) == 1  # the flat ratio drops the winner
+    assert len(race(blocks, "winner", reference, **rule, widen=True)) == 16  # widened: kept
+    assert len(race(blocks, "hopeless", reference, **rule, widen=True)) == 1  # still out at once
+
+
 def test_paired_t_test_against_hand_computations():
     # diffs 0.1 and 0.3: mean 0.2, sd 0.1414, standard error 0.1, t = 2.0 with 1 degree of freedom;
     # the one-sided critical values are 3.078 at 0.9 and 1.0 at 0.75.

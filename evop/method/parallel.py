@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RaceArgs = tuple[list[float] | None, float | None, int, float | None]
-"""``(reference sums, ratio, min_stages, confidence)`` of :func:`~evop.method.racing.race`."""
+RaceArgs = tuple[list[float] | None, float | None, int, float | None, bool]
+"""``(reference sums, ratio, min_stages, confidence, widen)`` of :func:`~evop.method.racing.race`."""
 
 
 class ScaleError(BadInputError):
@@ -171,9 +171,9 @@ class ScorerWorker:
         from evop.method.scoring import StagedCounting
 
         view = StagedCounting(self._scorer(fraction), stages={key: (list(known), [0.0] * len(known))})
-        reference, ratio, min_stages, confidence = race_args or (None, None, 1, None)
+        reference, *rule = race_args or (None, None, 1, None, False)
         try:
-            sums = race(view, Pattern.parse(key), reference, ratio, min_stages, confidence)
+            sums = race(view, Pattern.parse(key), reference, *rule)
         except ArithmeticError:  # diverged: the search's own scoring will see it and rank it last
             return list(known), []
         return sums, view.stages[key][1][len(known) :]
