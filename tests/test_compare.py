@@ -281,7 +281,7 @@ def test_the_benchmark_script_is_the_same_command(tiny_dir, texts, tmp_path):
     )
 
 
-def test_scores_are_not_shared_across_fitness_settings(tiny_dir, texts, tmp_path):
+def test_scores_are_not_shared_across_fitness_or_calibration_settings(tiny_dir, texts, tmp_path):
     config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
     out = tmp_path / "cmp"
     args = [
@@ -301,10 +301,19 @@ def test_scores_are_not_shared_across_fitness_settings(tiny_dir, texts, tmp_path
     ]
     assert main(args) == 0
     full = json.loads((out / COMPARE_FILE).read_text())["units"]["main/shortgpt/0.25"]
+    (memo,) = out.glob("memo-*.json")
+    scores = memo.read_text()
     assert main([*args, "fitness.token_budget=64"]) == 0  # 2 of the 6 calibration blocks
     cheap = json.loads((out / COMPARE_FILE).read_text())["units"]["main/shortgpt/0.25"]
     assert cheap["calib_fitness"] != full["calib_fitness"]
     assert len(list(out.glob("memo-*.json"))) == 2
+    # Other blocks under the same memo name (model, fitness, sampler, seed): the old scores are not
+    # read as these blocks' scores, and are kept aside rather than lost.
+    assert main([*args, "calibration.n_samples=4"]) == 0
+    four = json.loads((out / COMPARE_FILE).read_text())["units"]["main/shortgpt/0.25"]
+    assert four["calib_fitness"] != full["calib_fitness"]
+    (stale,) = out.glob(f"{memo.stem}-blocks-*.json")
+    assert stale.read_text() == scores
 
 
 def test_the_judge_keeps_each_finished_domain_of_a_stopped_pattern(tiny_dir, texts, tmp_path, monkeypatch):

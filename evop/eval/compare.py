@@ -24,6 +24,7 @@ ray`` a pool of Ray actors scores the calibration patterns (:mod:`evop.method.pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -95,7 +96,6 @@ class Comparison:
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the results: a changed config starts over."""
-        import hashlib
 
         e = self.cfg.evaluation
         payload = {
@@ -110,7 +110,6 @@ class Comparison:
     def _fitness_key(self) -> str:
         """Calibration scores depend on the model and the fitness settings, and the per-stage sums
         of racing on the batching too (the dense prefix cache changes nothing)."""
-        import hashlib
 
         f = self.cfg.fitness.model_dump(mode="json", exclude={"prefix_cache_mb"})
         f = without_neutral_defaults("fitness", f)  # memos of earlier versions stay valid
@@ -162,8 +161,17 @@ class Comparison:
             self._calibration[name] = (calib.blocks, calib.summary(), calib.sample_clusters or None)
             path = self.out / f"memo-{name}-{self._fitness_key()}.json"
             saved = json.loads(path.read_text()) if path.is_file() else None
+            # The file name holds the model and fitness settings; the blocks themselves (hence the
+            # calibration settings) are checked here. Memos written before the check lack the field.
+            blocks = hashlib.sha256(calib.blocks.cpu().numpy().tobytes()).hexdigest()[:12]
+            if saved is not None and saved.get("blocks", blocks) != blocks:
+                stale = path.rename(path.with_name(f"{path.stem}-blocks-{saved['blocks']}.json"))
+                log.warning("%s: scores of other calibration blocks; kept as %s", path.name, stale.name)
+                saved = None
             self._memos[name] = ScoreMemo(
-                lambda data, path=path: write_json_atomic(path, data), saved, every=MEMO_SAVE_SECONDS
+                lambda data, path=path: write_json_atomic(path, {"blocks": blocks, **data}),
+                saved,
+                every=MEMO_SAVE_SECONDS,
             )
         return name
 
