@@ -39,14 +39,17 @@ def cluster_batches(clusters: Sequence[int], batch_size: int) -> list[tuple[int,
     indices)``, taken round-robin over the clusters: each batch's summed loss then belongs to one
     cluster, so the cluster aggregates can be computed from a race's first stages, and those
     stages see every cluster early."""
+    from evop.method.calibration import round_robin
+
     groups: dict[int, list[int]] = {}
     for i, c in enumerate(clusters):
         groups.setdefault(int(c), []).append(i)
     chunks = [
-        [(c, idx[j : j + batch_size]) for j in range(0, len(idx), batch_size)]
+        (c, idx[j : j + batch_size])
         for c, idx in sorted(groups.items())
+        for j in range(0, len(idx), batch_size)
     ]
-    return [chunk[r] for r in range(max(map(len, chunks))) for chunk in chunks if r < len(chunk)]
+    return [chunks[i] for i in round_robin([c for c, _ in chunks])]
 
 
 def mean_nll(model: "nn.Module", blocks: "torch.Tensor", batch_size: int = 8) -> float:
