@@ -108,7 +108,7 @@ class KnownStages:
         self.stage_tokens, self.stage_positions = [11] * 16, [10] * 16
 
     def stage_sums(self, pattern: str, start: int = 0, stop: int | None = None) -> list[float]:
-        return [loss * 10 for loss in self.losses[pattern][start:stop]]
+        return [loss * 10 for loss in self.losses[str(pattern)][start:stop]]
 
     def fitness_of(self, sums: list[float]) -> float:
         return math.exp(sum(sums) / (10 * len(sums)))
@@ -129,6 +129,18 @@ def test_widened_ratio_keeps_a_winner_one_noisy_stage_puts_above_it_and_still_st
     assert len(race(blocks, "winner", reference, **rule)) == 1  # the flat ratio drops the winner
     assert len(race(blocks, "winner", reference, **rule, widen=True)) == 16  # widened: kept
     assert len(race(blocks, "hopeless", reference, **rule, widen=True)) == 1  # still out at once
+
+
+def test_the_search_races_with_the_widened_ratio_when_asked():
+    from evop.method.racing import score_candidates
+
+    best, winner = Pattern.of(16, [1, 2]), Pattern.of(16, [1, 3])
+    blocks = KnownStages({str(best): [5.0] * 16, str(winner): [5.0 + math.log(1.31)] + [4.95] * 15})
+    for widen, stages in ((False, 1), (True, 16)):
+        memo, sums = {str(best): math.exp(5.0)}, {str(best): blocks.stage_sums(best)}
+        rule = settings(num_remove=2, racing_ratio=1.25, racing_confidence=0.95, racing_widen=widen)
+        tokens = score_candidates([winner], memo, sums, str(best), blocks, blocks, rule)
+        assert len(sums[str(winner)]) == stages and tokens == 11 * stages
 
 
 def test_paired_t_test_against_hand_computations():
