@@ -96,7 +96,6 @@ class Comparison:
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the results: a changed config starts over."""
-
         e = self.cfg.evaluation
         payload = {
             "search": self.cfg.search_hash(),
@@ -110,7 +109,6 @@ class Comparison:
     def _fitness_key(self) -> str:
         """Calibration scores depend on the model and the fitness settings, and the per-stage sums
         of racing on the batching too (the dense prefix cache changes nothing)."""
-
         f = self.cfg.fitness.model_dump(mode="json", exclude={"prefix_cache_mb"})
         f = without_neutral_defaults("fitness", f)  # memos of earlier versions stay valid
         payload = [self.cfg.model.model_dump(mode="json"), f, self.cfg.search.evopress_cheap_fraction]
