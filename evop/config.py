@@ -138,6 +138,10 @@ class SearchConfig(_Section):
     polish_radius: int = Field(
         1, ge=1, description="How far (in layers) from the removed ones a polish move may put a layer."
     )
+    polish_pairs: int = Field(
+        0, ge=0, description="At a polish local optimum, also score every pair of its this many most "
+        "promising moves made at once (two layers moved), and go on if one is better; 0: off."
+    )
     racing_ratio: float | None = Field(
         None,
         gt=1,
@@ -337,6 +341,7 @@ HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("search", "racing_min_stages"): 1,
     ("search", "racing_confidence"): None,
     ("search", "racing_widen"): False,
+    ("search", "polish_pairs"): 0,
     ("search", "validation_blocks"): 0,
     ("search", "validation_candidates"): 5,
 }

@@ -115,3 +115,5 @@ def test_cluster_aggregates_need_ccds_and_keep_earlier_hashes():
     assert load_config("configs/demo.yaml", ["calibration.order=text"]).search_hash() == demo.search_hash()
     assert load_config("configs/demo.yaml", ["calibration.order=mixed"]).search_hash() != demo.search_hash()
     assert load_config("configs/demo.yaml", ["search.racing_widen=true"]).search_hash() != demo.search_hash()
+    assert load_config("configs/demo.yaml", ["search.polish_pairs=0"]).search_hash() == demo.search_hash()
+    assert load_config("configs/demo.yaml", ["search.polish_pairs=8"]).search_hash() != demo.search_hash()

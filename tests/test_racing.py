@@ -143,6 +143,27 @@ def test_the_search_races_with_the_widened_ratio_when_asked():
         assert len(sums[str(winner)]) == stages and tokens == 11 * stages
 
 
+def test_the_polish_pairs_rank_a_raced_out_move_on_the_stages_it_was_scored_on():
+    # The first stage is hard for every pattern: a move stopped there has a high partial fitness,
+    # yet against the best on that same stage it is only 22% worse, closer than the fully scored
+    # 5,9 -> 6,9 (50%). The pairs are of the two most promising moves: 4,9 and 5,10 (-> 4,10).
+    best, raced, close, far = (Pattern.of(16, m) for m in ([5, 9], [4, 9], [5, 10], [6, 9]))
+    blocks = KnownStages(
+        {
+            str(best): [6.0] + [4.0] * 15,
+            str(raced): [6.2],
+            str(close): [6.1] + [4.1] * 15,
+            str(far): [6.0 + math.log(1.5)] + [4.0 + math.log(1.5)] * 15,
+        }
+    )
+    sums = {key: blocks.stage_sums(key) for key in blocks.losses}
+    memo = {key: blocks.fitness_of(s) for key, s in sums.items()}
+    assert memo[str(raced)] > memo[str(far)] > memo[str(close)]  # raw partial fitness: raced last
+    search = GeneticSearch(16, 2, settings(num_remove=2, polish_radius=15, polish_pairs=2), blocks,
+                           staged=blocks)
+    assert search.pair_moves(best, memo, sums) == [Pattern.of(16, [4, 10])]
+
+
 def test_paired_t_test_against_hand_computations():
     # diffs 0.1 and 0.3: mean 0.2, sd 0.1414, standard error 0.1, t = 2.0 with 1 degree of freedom;
     # the one-sided critical values are 3.078 at 0.9 and 1.0 at 0.75.

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from evop.config import SearchConfig
 from evop.method.genetic import GeneticSearch
 from evop.method.influence import influence_prior
-from evop.method.operators import crossover, random_pattern, swap_count, swap_mutation
+from evop.method.operators import crossover, paired_moves, random_pattern, swap_count, swap_mutation
 from evop.method.patterns import Pattern
 from evop.method.state import SearchState
 
@@ -296,6 +296,44 @@ def test_polish_stops_after_its_rounds_or_at_once_on_a_flat_objective():
     flat = GeneticSearch(24, 5, flat_config, lambda p: 1.0).run()
     assert flat.ga_stop_reason == "patience" and flat.stop_reason == "local optimum"
     assert flat.polish_rounds == 1
+
+
+def two_move_trap(pattern: Pattern) -> float:
+    """On 10 layers, k = 2: 5,6 is a local optimum of single moves (each of its four most
+    promising moves, 5 or 6 -> 1 or 2, is worse), while two of them at once give the optimum 1,2."""
+    removed = set(pattern.removed)
+    if removed in ({1, 2}, {5, 6}):
+        return 1.0 if removed == {1, 2} else 2.0
+    return 2.5 if removed in ({1, 5}, {1, 6}, {2, 5}, {2, 6}) else 3.0 + sum(removed) / 100
+
+
+def test_polish_pairs_make_two_moves_at_once_where_every_single_move_is_worse():
+    trapped = dict(protected_layers=[0, -1], population=2, elitism=1, generations=1, patience=1, seed=3)
+    seeds = [Pattern.of(10, [5, 6])]
+    single = GeneticSearch(10, 2, search_config(**trapped, polish_rounds=5, polish_radius=9), two_move_trap,
+                           seed_patterns=seeds).run()
+    assert (single.best, single.stop_reason, single.polish_rounds) == ("5,6/10", "local optimum", 1)
+    counting = CountingFitness(two_move_trap)
+    paired = GeneticSearch(10, 2, search_config(**trapped, polish_rounds=5, polish_radius=9, polish_pairs=4),
+                           counting, seed_patterns=seeds).run()
+    assert (paired.best, paired.best_fitness, paired.stop_reason) == ("1,2/10", 1.0, "local optimum")
+    # The GA and the first polish round are the same; the pair round scored one new pattern (the
+    # pairs of the 4 best moves that take back and remove distinct layers are all 1,2), then a
+    # single round and a pair round around 1,2 found nothing better.
+    assert without_seconds(paired)["history"][:3] == without_seconds(single)["history"][:3]
+    assert paired.history[3]["new_evaluations"] == 1 and paired.polish_rounds == 4
+    assert max(counting.calls.values()) == 1
+
+
+def test_paired_moves_combine_the_first_moves_that_touch_distinct_layers():
+    pattern = Pattern.of(12, [3, 4, 8])
+    moves = [Pattern.of(12, m) for m in ([2, 4, 8], [3, 4, 9], [3, 8, 9], [1, 4, 8], [3, 4, 10])]
+    pairs = paired_moves(pattern, moves, 4)
+    # 3->2 with 8->9, 3->2 with 4->9, 8->9 with 3->1, 4->9 with 3->1; not 3->2 with 3->1 (same
+    # layer taken back), 8->9 with 4->9 (same layer removed), nor anything with the fifth move.
+    expected = [[2, 4, 9], [2, 8, 9], [1, 4, 9], [1, 8, 9]]
+    assert [p.removed for p in pairs] == [tuple(e) for e in expected]
+    assert paired_moves(pattern, moves, 1) == [] and paired_moves(pattern, moves, 0) == []
 
 
 def test_seed_patterns_come_first():

@@ -17,7 +17,9 @@ One generation of :class:`GeneticSearch`:
 
 When the GA stops (generations or patience) and ``polish_rounds > 0``, each further step is a
 polish round: every :meth:`GeneticSearch.polish_moves` of the best pattern is scored, until no
-move improves (a local optimum).
+move improves (a local optimum). With ``polish_pairs`` a round that finds nothing is followed by
+one of :meth:`GeneticSearch.pair_moves` (two of its most promising moves at once); the polish
+stops only when that finds nothing either.
 
 The whole search lives in a :class:`~evop.method.state.SearchState` that serialises to strict
 JSON, so a crashed search resumes from its last checkpoint and ends exactly as the uninterrupted
@@ -35,7 +37,7 @@ from typing import Any
 
 from evop.config import SearchConfig
 from evop.errors import BadInputError
-from evop.method.operators import crossover, sample_patterns, swap_mutation
+from evop.method.operators import crossover, paired_moves, sample_patterns, swap_mutation
 from evop.method.patterns import Pattern, removable_layers
 from evop.method.racing import StagedFitness, raced_out, score_candidates
 from evop.method.scoring import FitnessFn
@@ -142,7 +144,7 @@ class GeneticSearch:
         memo = dict(state.memo)
         stage_sums = {key: list(v) for key, v in state.stage_sums.items()}
         polishing = state.ga_stop_reason is not None
-        pool = self._candidates(state, rng, memo, polishing)
+        pool = self._candidates(state, rng, memo, polishing, stage_sums)
         fresh = [p for p in pool if str(p) not in memo]
         tokens = score_candidates(
             fresh, memo, stage_sums, state.best, self._fitness, self.staged, self.settings
@@ -166,17 +168,25 @@ class GeneticSearch:
             "raced_out": sum(1 for p in fresh if self._partial(str(p), stage_sums)),
         }
         new.history.append(entry)
-        self._log(entry, new, polishing)
+        self._log(entry, new, "polish round" + " (pairs)" * bool(state.stall) if polishing else "generation")
         return new
 
     def _candidates(
-        self, state: SearchState, rng: random.Random, memo: dict[str, float], polishing: bool
+        self,
+        state: SearchState,
+        rng: random.Random,
+        memo: dict[str, float],
+        polishing: bool,
+        stage_sums: dict[str, list[float]],
     ) -> list[Pattern]:
-        """The patterns of this step: the initial population, a bred generation, or polish moves."""
+        """The patterns of this step: the initial population, a bred generation, or polish moves
+        (pairs of them after a polish round that found nothing: see :meth:`_advance`)."""
         if state.generation < 0:
             return self._initial_population(rng)
         if polishing:
             assert state.best is not None
+            if state.stall:
+                return self.pair_moves(Pattern.parse(state.best), memo, stage_sums)
             return self.polish_moves(Pattern.parse(state.best))
         return self._next_patterns(rng, [Pattern.parse(p) for p in state.population], memo)
 
@@ -217,7 +227,7 @@ class GeneticSearch:
         if len(memo) >= self.space_size:
             stop_reason = "exhausted"
         elif polishing:
-            if stall:
+            if stall > (1 if self.settings.polish_pairs > 1 else 0):  # the pair round comes at stall 1
                 stop_reason = "local optimum"
             elif polish_rounds >= self.settings.polish_rounds:
                 stop_reason = "polish rounds"
@@ -247,17 +257,13 @@ class GeneticSearch:
         )
 
     @staticmethod
-    def _log(entry: dict[str, Any], state: SearchState, polishing: bool) -> None:
+    def _log(entry: dict[str, Any], state: SearchState, step: str) -> None:
+        fields = ("best_fitness", "best_pattern", "mean_fitness", "evaluations", "new_evaluations", "seconds")
         logger.info(
             "%s %d: best %.6g (%s), mean %.6g, evaluations %d (+%d), %.2fs%s",
-            "polish round" if polishing else "generation",
-            state.polish_rounds if polishing else state.generation,
-            entry["best_fitness"],
-            entry["best_pattern"],
-            entry["mean_fitness"],
-            entry["evaluations"],
-            entry["new_evaluations"],
-            entry["seconds"],
+            step,
+            state.generation if step == "generation" else state.polish_rounds,
+            *(entry[f] for f in fields),
             f", stop: {state.stop_reason}" if state.stop_reason else "",
         )
 
@@ -267,10 +273,9 @@ class GeneticSearch:
 
         Redundant layers come in runs of neighbours, so the last gains of a search are mostly
         moves at the edges of those runs: a layer of the run re-placed at its other end (SLEB's
-        greedy pattern on the demo model at 20% is such a move from the ShortGPT seed), or a lone
-        removed layer brought next to another (at 30%). That is ``k x |edges|`` patterns a round,
-        where the edges number at most ``2 x radius x k`` and far fewer for runs, against
-        ``k x (L - k)`` for all swaps.
+        greedy pattern on the demo model at 20% from the ShortGPT seed), or a lone removed layer
+        brought next to another (at 30%): ``k x |edges|`` patterns a round, the edges at most
+        ``2 x radius x k``, against ``k x (L - k)`` for all swaps.
         """
         removed = set(pattern.removed)
         radius = self.settings.polish_radius
@@ -285,6 +290,23 @@ class GeneticSearch:
             for target in edges
         ]
         return list(dict.fromkeys(moves))
+
+    def pair_moves(
+        self, pattern: Pattern, memo: dict[str, float], stage_sums: dict[str, list[float]]
+    ) -> list[Pattern]:
+        """Every pair of the ``settings.polish_pairs`` scored :meth:`polish_moves` of ``pattern``
+        with the lowest fitness relative to its own, made at once (a raced-out move is compared
+        on the stages it was scored on, as racing does): :func:`~evop.method.operators.paired_moves`."""
+        best = stage_sums.get(str(pattern))
+
+        def relative(move: Pattern) -> tuple[float, str]:
+            sums = stage_sums.get(str(move))
+            if self.staged is not None and sums and best and math.isfinite(sums[-1]):
+                return self.staged.fitness_of(sums) / self.staged.fitness_of(best[: len(sums)]), str(move)
+            return memo[str(move)] / memo[str(pattern)], str(move)
+
+        scored = sorted((m for m in self.polish_moves(pattern) if str(m) in memo), key=relative)
+        return paired_moves(pattern, scored, self.settings.polish_pairs)
 
     def run(
         self,

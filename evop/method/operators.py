@@ -3,7 +3,8 @@
 - :func:`random_pattern` / :func:`sample_patterns`: uniform random patterns (distinct ones);
 - :func:`crossover`: keep what both parents remove, fill up from what one of them removes;
 - :func:`swap_mutation`: swap removed with kept layers 1..max_swaps times (few swaps likelier),
-  optionally guided by a per-layer prior.
+  optionally guided by a per-layer prior;
+- :func:`paired_moves`: two single-layer moves of a pattern made at once (the polish's pairs).
 
 Randomness always comes from an explicit ``random.Random``.
 """
@@ -150,3 +151,25 @@ def swap_mutation(
         removed.add(into)
         kept.add(out)
     return Pattern.of(pattern.num_layers, removed)
+
+
+def paired_moves(pattern: Pattern, moves: Sequence[Pattern], limit: int) -> list[Pattern]:
+    """Patterns that make two of ``moves`` at once: every pair of the first ``limit`` (most
+    promising first) that take back two different layers and remove two different ones.
+
+    Each move is ``pattern`` with one removed layer swapped for a kept one (a polish move). Two
+    moves, each a little worse alone, can be better together: on SmolLM2 at 40% (CCDS seed 2) the
+    polish stopped at 3,4,5,12-19,26 while 3-7,13-18,26 fits the same calibration 5% better; the
+    moves 12->6 and 19->7 are each 2-3% worse alone.
+    """
+    removed = set(pattern.removed)
+    swaps = []
+    for move in moves[:limit]:
+        (out,), (into,) = removed - set(move.removed), set(move.removed) - removed
+        swaps.append((out, into))
+    pairs = [
+        Pattern.of(pattern.num_layers, (removed - {out, other_out}) | {into, other_into})
+        for (out, into), (other_out, other_into) in combinations(swaps, 2)
+        if out != other_out and into != other_into
+    ]
+    return list(dict.fromkeys(pairs))
