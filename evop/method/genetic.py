@@ -168,7 +168,8 @@ class GeneticSearch:
             "raced_out": sum(1 for p in fresh if self._partial(str(p), stage_sums)),
         }
         new.history.append(entry)
-        self._log(entry, new, "polish round" + " (pairs)" * bool(state.stall) if polishing else "generation")
+        kind = ("polish round (pairs)" if state.stall else "polish round") if polishing else "generation"
+        self._log(entry, new, kind)
         return new
 
     def _candidates(
