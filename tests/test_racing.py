@@ -13,7 +13,7 @@ import pytest
 from evop.config import SearchConfig
 from evop.method.genetic import GeneticSearch
 from evop.method.patterns import Pattern
-from evop.method.racing import race, worse_than
+from evop.method.racing import RaceRule, race, worse_than
 from evop.method.state import SearchState
 
 
@@ -59,10 +59,10 @@ def test_race_stops_a_hopeless_candidate_after_the_minimum_stages():
     good = Pattern.of(16, [i for i in range(1, 15) if objective.cost[i] < 1][:3])
     bad = Pattern.of(16, [i for i in range(1, 15) if objective.cost[i] == 3.0][:1] + list(good.removed[:2]))
     reference = objective.stage_sums(good)
-    assert len(race(objective, bad, reference, ratio=1.5, min_stages=1)) == 1
-    assert len(race(objective, bad, reference, ratio=1.5, min_stages=3)) == 3
-    assert len(race(objective, good, reference, ratio=1.5)) == 8  # a contender runs to the end
-    assert len(race(objective, bad, None, ratio=1.5)) == 8  # no reference yet: scored in full
+    assert len(race(objective, bad, reference, RaceRule(ratio=1.5, min_stages=1))) == 1
+    assert len(race(objective, bad, reference, RaceRule(ratio=1.5, min_stages=3))) == 3
+    assert len(race(objective, good, reference, RaceRule(ratio=1.5))) == 8  # a contender runs to the end
+    assert len(race(objective, bad, None, RaceRule(ratio=1.5))) == 8  # no reference yet: scored in full
 
 
 class ClusteredBlocks:
@@ -95,9 +95,9 @@ def test_mixed_calibration_order_keeps_a_winner_text_order_races_out():
             blocks.stage_sums("reference")
         )
     reference = text.stage_sums("reference")
-    assert len(race(text, "winner", reference, ratio=1.25, confidence=0.95)) == 1  # out at once
+    assert len(race(text, "winner", reference, RaceRule(ratio=1.25, confidence=0.95))) == 1  # out at once
     reference = mixed.stage_sums("reference")
-    assert len(race(mixed, "winner", reference, ratio=1.25, confidence=0.95)) == 4  # kept
+    assert len(race(mixed, "winner", reference, RaceRule(ratio=1.25, confidence=0.95))) == 4  # kept
 
 
 class KnownStages:
@@ -126,9 +126,9 @@ def test_widened_ratio_keeps_a_winner_one_noisy_stage_puts_above_it_and_still_st
     assert blocks.fitness_of(blocks.stage_sums("winner")) < blocks.fitness_of(blocks.stage_sums("reference"))
     reference = blocks.stage_sums("reference")
     rule = {"ratio": 1.25, "confidence": 0.95}
-    assert len(race(blocks, "winner", reference, **rule)) == 1  # the flat ratio drops the winner
-    assert len(race(blocks, "winner", reference, **rule, widen=True)) == 16  # widened: kept
-    assert len(race(blocks, "hopeless", reference, **rule, widen=True)) == 1  # still out at once
+    assert len(race(blocks, "winner", reference, RaceRule(**rule))) == 1  # the flat ratio drops the winner
+    assert len(race(blocks, "winner", reference, RaceRule(**rule, widen=True))) == 16  # widened: kept
+    assert len(race(blocks, "hopeless", reference, RaceRule(**rule, widen=True))) == 1  # still out at once
 
 
 def test_the_search_races_with_the_widened_ratio_when_asked():
@@ -183,10 +183,10 @@ def test_confidence_stops_a_near_miss_the_ratio_lets_through():
     best, near = Pattern.of(16, cheap[:2]), Pattern.of(16, [cheap[0], worse])
     # the near miss is worse by more than the per-stage wobble, and within the ratio of 1.5
     reference = objective.stage_sums(best)
-    assert len(race(objective, near, reference, ratio=1.5)) == 8  # within 1.5x: the ratio keeps it
-    stopped = race(objective, near, reference, ratio=1.5, confidence=0.95)
+    assert len(race(objective, near, reference, RaceRule(ratio=1.5))) == 8  # within 1.5x: the ratio keeps it
+    stopped = race(objective, near, reference, RaceRule(ratio=1.5, confidence=0.95))
     assert 2 <= len(stopped) < 8
-    assert len(race(objective, best, reference, ratio=None, confidence=0.95)) == 8  # never its own
+    assert len(race(objective, best, reference, RaceRule(confidence=0.95))) == 8  # never its own
 
 
 def test_racing_finds_the_same_best_with_fewer_tokens_and_never_stops_a_better_pattern():

@@ -33,11 +33,12 @@ if TYPE_CHECKING:
 
     from evop.config import FitnessConfig, ModelConfig, ScaleConfig
     from evop.method.fitness import PatternScorer
+    from evop.method.racing import RaceRule
 
 log = logging.getLogger(__name__)
 
-RaceArgs = tuple[list[float] | None, float | None, int, float | None, bool]
-"""``(reference sums, ratio, min_stages, confidence, widen)`` of :func:`~evop.method.racing.race`."""
+RaceArgs = tuple[list[float] | None, "RaceRule"]
+"""``(reference sums, rule)`` of :func:`~evop.method.racing.race`."""
 
 
 class ScaleError(BadInputError):
@@ -167,13 +168,13 @@ class ScorerWorker:
         """Pattern ``key`` raced as :func:`~evop.method.racing.race` would (``race_args`` None: on
         every stage), starting from its ``known`` stage sums; returns all its sums and the seconds
         of the stages scored here."""
-        from evop.method.racing import race
+        from evop.method.racing import RaceRule, race
         from evop.method.scoring import StagedCounting
 
         view = StagedCounting(self._scorer(fraction), stages={key: (list(known), [0.0] * len(known))})
-        reference, *rule = race_args or (None, None, 1, None, False)
+        reference, rule = race_args or (None, RaceRule())
         try:
-            sums = race(view, Pattern.parse(key), reference, *rule)
+            sums = race(view, Pattern.parse(key), reference, rule)
         except ArithmeticError:  # diverged: the search's own scoring will see it and rank it last
             return list(known), []
         return sums, view.stages[key][1][len(known) :]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from evop.method.patterns import Pattern
@@ -72,22 +73,11 @@ def worse_than(mine: Sequence[float], best: Sequence[float], confidence: float) 
     return mean > t.ppf(confidence, n - 1) * sd / math.sqrt(n)
 
 
-def race(
-    staged: StagedFitness,
-    pattern: Pattern,
-    reference: list[float] | None,
-    ratio: float | None,
-    min_stages: int = 1,
-    confidence: float | None = None,
-    widen: bool = False,
-) -> list[float]:
-    """Score ``pattern`` stage by stage until it is clearly out, or on every stage.
+@dataclass(frozen=True)
+class RaceRule:
+    """When :func:`race` stops a candidate (the ``search.racing_*`` settings).
 
-    Args:
-        staged: The staged fitness.
-        pattern: The candidate.
-        reference: Per-stage summed losses of the best pattern so far (all stages); None: score
-            the candidate on every stage.
+    Attributes:
         ratio: Out when its fitness on the stages so far exceeds ``ratio`` x the reference's there
             (None: no ratio rule).
         min_stages: Stages always scored before the candidate can be stopped.
@@ -95,20 +85,45 @@ def race(
             confidence (:func:`worse_than`; None: no such test).
         widen: Widen the ratio on early stages: ``ratio ** sqrt(stages / scored)`` (one stage of
             Gemma-3's text-order calibration put the winner 31% above the best; all 16, 3% below).
+    """
+
+    ratio: float | None = None
+    min_stages: int = 1
+    confidence: float | None = None
+    widen: bool = False
+
+    @classmethod
+    def of(cls, settings: "SearchConfig") -> "RaceRule":
+        s = settings
+        return cls(s.racing_ratio, s.racing_min_stages, s.racing_confidence, s.racing_widen)
+
+
+def race(
+    staged: StagedFitness, pattern: Pattern, reference: list[float] | None, rule: RaceRule
+) -> list[float]:
+    """Score ``pattern`` stage by stage until ``rule`` says it is clearly out, or on every stage.
+
+    Args:
+        staged: The staged fitness.
+        pattern: The candidate.
+        reference: Per-stage summed losses of the best pattern so far (all stages); None: score
+            the candidate on every stage.
+        rule: When it is out.
 
     Returns:
         The candidate's summed loss of each stage scored (all of them unless it was raced out).
     """
     stages = len(staged.stage_tokens)
     positions = staged.stage_positions
+    ratio, confidence = rule.ratio, rule.confidence
     sums: list[float] = []
     for stage in range(stages):
         sums += staged.stage_sums(pattern, stage, stage + 1)
         done = len(sums)
-        if reference is None or done < min_stages or done == stages:
+        if reference is None or done < rule.min_stages or done == stages:
             continue
         mine, best = staged.fitness_of(sums), staged.fitness_of(reference[:done])
-        limit = ratio ** math.sqrt(stages / done) if ratio is not None and widen else ratio
+        limit = ratio ** math.sqrt(stages / done) if ratio is not None and rule.widen else ratio
         if not math.isfinite(mine) or (limit is not None and mine > limit * best):
             break
         if confidence is not None and worse_than(
@@ -154,14 +169,12 @@ def score_candidates(
     reference_fitness = memo[best] if reference is not None else math.inf
     # A pool of workers races them all against this reference concurrently; the loop below then
     # replays the same races from the memo, so a reference that improves mid-step changes nothing.
-    s = settings
-    rule = (s.racing_ratio, s.racing_min_stages, s.racing_confidence, s.racing_widen)
-    race_args = (reference, *rule)
-    prefetch(staged, fresh, race_args)
+    rule = RaceRule.of(settings)
+    prefetch(staged, fresh, (reference, rule))
     for pattern in fresh:
         key = str(pattern)
         try:
-            sums = race(staged, pattern, reference, *rule)
+            sums = race(staged, pattern, reference, rule)
         except ArithmeticError as err:  # diverged: ranked last, as finite_score would
             logger.warning("pattern %s diverged (%s); ranked last", pattern, err)
             sums = [math.inf]

@@ -151,7 +151,7 @@ class StagedCounting(CountingFitness):
     def prefetch(self, patterns: Sequence[Pattern], race_args: Any = None) -> None:
         """Score ``patterns`` ahead, concurrently, when the fitness is a pool of workers
         (:class:`~evop.method.parallel.ParallelScorer`); a no-op otherwise. ``race_args``:
-        ``(reference sums, ratio, min_stages, confidence, widen)`` when the search races them, None to
+        ``(reference sums, RaceRule)`` when the search races them, None to
         score them on every stage. Nothing is charged here: the search then asks for them as
         usual and pays when it does, as if it had scored them itself."""
         many = getattr(self.fitness, "race_many", None)
