@@ -350,6 +350,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         optimum_k=args.optimum_k or None,
         optimum_seeds=_ints(args.optimum_seeds),
         lm_eval=args.lm_eval,
+        anytime_points=args.anytime_points,
     )
     out = Path(args.out or Path(cfg.output_dir) / "compare")
     Comparison(cfg, spec, out).run()
@@ -440,9 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from evop.eval.compare_spec import MAIN_METHODS
 
-    p = sub.add_parser(
-        "compare", help="EvoP vs the baselines (SLEB, ShortGPT, ...) side by side, plus ablations"
-    )
+    p = sub.add_parser("compare", help="EvoP vs the baselines (SLEB, ShortGPT, ...) side by side; ablations")
     p.add_argument("--config", help="YAML config file: model, calibration, search and held-out settings")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--methods", default=",".join(MAIN_METHODS), help="comma-separated search methods")
@@ -451,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimum-k", type=int, default=2, help="k of the exhaustive optimum check (0 skips it)")
     p.add_argument("--optimum-seeds", default="0,1,2,3,4", help="EvoP seeds of the optimum check")
     p.add_argument("--lm-eval", action="store_true", help="also score every pattern on evaluation.tasks")
+    p.add_argument("--anytime-points", type=int, default=8, help="judged points of anytime curves (1: last)")
     p.add_argument("--out", help="output directory (default: <output_dir>/compare); re-runs resume")
     p.set_defaults(func=cmd_compare)
     return parser

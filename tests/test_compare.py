@@ -356,9 +356,12 @@ def test_the_unraced_variant_scores_every_candidate_in_full_from_the_shared_memo
     config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
     out = tmp_path / "cmp"
     args = ["compare", "--config", str(config), "--out", str(out), "--methods", "evop,evop-unraced,sleb"]
-    assert main([*args, "--sparsities", "0.25", "--ablation-seeds", "", "--optimum-k", "0"]) == 0
+    only = ["--sparsities", "0.25", "--ablation-seeds", "", "--optimum-k", "0", "--anytime-points", "1"]
+    assert main([*args, *only]) == 0
     units = json.loads((out / COMPARE_FILE).read_text())["units"]
     raced, full = units["main/evop/0.25"], units["main/evop-unraced/0.25"]
+    # --anytime-points 1: each curve is judged at its final pattern only
+    assert [len(units[f"main/{m}/0.25"]["anytime"]) for m in ("evop", "sleb")] == [1, 1]
     # Every candidate of the unraced search costs all calibration tokens (6 blocks of 32), plus
     # the dense Block Influence forward that seeds the GA.
     assert full["tokens_forwarded"] == (full["evaluations"] + 1) * 6 * 32
@@ -442,8 +445,12 @@ def test_only_the_anytime_points_the_plot_needs_are_judged():
     assert len(judged) == ANYTIME_POINTS and judged[0] == trace[0] and judged[-1] == trace[-1]
     assert judged == sorted(judged)
     assert anytime_to_judge("sleb", trace[:3]) == trace[:3]
-    # Every other method: its final pattern only.
+    # Every other method: its final pattern only; so every method with --anytime-points 1.
     assert anytime_to_judge("random", trace) == trace[-1:]
+    assert anytime_to_judge("evop", trace, 1) == trace[-1:]
+    assert [p for _, p, _ in anytime_to_judge("evop", trace, 3)] == ["p0", "p10", "p19"]
+    with pytest.raises(ValueError, match="anytime_points"):
+        CompareSpec(anytime_points=0)
 
 
 def test_every_search_runs_before_the_anytime_curves_are_judged(tiny_dir, texts, tmp_path, monkeypatch):

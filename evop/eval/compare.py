@@ -315,9 +315,10 @@ class Comparison:
             row = self.row(outcome, sparsity, calib)
             # The anytime curve: held-out quality of the method's best pattern so far. Points
             # not judged yet (None) are judged by run_anytime, after every search.
+            trace = anytime_to_judge(method, outcome.details["anytime"], self.spec.anytime_points)
             row["anytime"] = [
                 {"seconds": seconds, "pattern": pattern, "calib_fitness": fitness, "heldout_geomean": None}
-                for seconds, pattern, fitness in anytime_to_judge(method, outcome.details["anytime"])
+                for seconds, pattern, fitness in trace
             ]
             self._judge_anytime(row, judge=False)
             return row

@@ -60,15 +60,16 @@ which would cost hours of judging a sparsity on Gemma-3; a dropped point only ma
 before it last longer, so the curve stays true, only coarser."""
 
 
-def anytime_to_judge(method: str, trace: list) -> list:
+def anytime_to_judge(method: str, trace: list, points: int = ANYTIME_POINTS) -> list:
     """The points of ``method``'s anytime trace (best pattern so far at each improvement) that
-    the comparison judges on the held-out text: see :data:`ANYTIME_CURVES`, :data:`ANYTIME_POINTS`."""
-    if method not in ANYTIME_CURVES:
+    the comparison judges on the held-out text: see :data:`ANYTIME_CURVES`; at most ``points``
+    of a whole curve (:data:`ANYTIME_POINTS`; 1: only the final pattern, as for other methods)."""
+    if method not in ANYTIME_CURVES or points <= 1:
         return trace[-1:]
-    if len(trace) <= ANYTIME_POINTS:
+    if len(trace) <= points:
         return trace
     last = len(trace) - 1
-    return [trace[i] for i in sorted({round(j * last / (ANYTIME_POINTS - 1)) for j in range(ANYTIME_POINTS)})]
+    return [trace[i] for i in sorted({round(j * last / (points - 1)) for j in range(points)})]
 
 
 COMPARE_FILE = "compare.json"
@@ -97,6 +98,8 @@ class CompareSpec:
         optimum_k: Layers removed in the optimum check (None: skip it).
         optimum_seeds: EvoP (and random-search) seeds of the optimum check.
         lm_eval: Also score each chosen pattern on ``evaluation.tasks`` with lm-eval.
+        anytime_points: Held-out judgements of a whole anytime curve, at most (1: the final
+            pattern only; each costs a judgement of every domain: about 90 s a domain on Gemma-3).
     """
 
     methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
@@ -106,6 +109,7 @@ class CompareSpec:
     optimum_k: int | None = 2
     optimum_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     lm_eval: bool = False
+    anytime_points: int = ANYTIME_POINTS
 
     def __post_init__(self) -> None:
         from evop.searches import METHODS
@@ -118,6 +122,8 @@ class CompareSpec:
         bad = [s for s in self.sparsities if not 0 < s < 1]
         if bad or not self.sparsities:
             raise ValueError(f"sparsities must be non-empty and in (0, 1), got {self.sparsities}")
+        if self.anytime_points < 1:
+            raise ValueError(f"anytime_points must be at least 1, got {self.anytime_points}")
 
 
 def domain_name(source: str) -> str:
