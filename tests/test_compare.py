@@ -451,6 +451,8 @@ def test_only_the_anytime_points_the_plot_needs_are_judged():
     assert [p for _, p, _ in anytime_to_judge("evop", trace, 3)] == ["p0", "p10", "p19"]
     with pytest.raises(ValueError, match="anytime_points"):
         CompareSpec(anytime_points=0)
+    # On the command line: one line naming the problem, exit 2, before any model is loaded.
+    assert main(["compare", "--anytime-points", "0"]) == 2
 
 
 def test_every_search_runs_before_the_anytime_curves_are_judged(tiny_dir, texts, tmp_path, monkeypatch):

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evop.errors import BadInputError
+
 MAIN_METHODS = (
     "evop",
     "evop-no-polish",
@@ -116,14 +118,14 @@ class CompareSpec:
 
         unknown = [m for m in self.methods if m not in (*METHODS, *VARIANTS)]
         if unknown:
-            raise ValueError(
+            raise BadInputError(
                 f"unknown search method(s) {unknown}; choose from {', '.join((*METHODS, *VARIANTS))}"
             )
         bad = [s for s in self.sparsities if not 0 < s < 1]
         if bad or not self.sparsities:
-            raise ValueError(f"sparsities must be non-empty and in (0, 1), got {self.sparsities}")
+            raise BadInputError(f"sparsities must be non-empty and in (0, 1), got {self.sparsities}")
         if self.anytime_points < 1:
-            raise ValueError(f"anytime_points must be at least 1, got {self.anytime_points}")
+            raise BadInputError(f"anytime_points must be at least 1, got {self.anytime_points}")
 
 
 def domain_name(source: str) -> str:
