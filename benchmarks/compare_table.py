@@ -2,13 +2,18 @@
 
 Reads the ``compare.json`` of finished (or partly finished) ``evop compare`` runs::
 
-    python benchmarks/compare_table.py SmolLM2=benchmarks/results/compare-smollm2/compare/compare.json \\
-        Gemma-3=benchmarks/results/compare-gemma3/compare/compare.json
+    python benchmarks/compare_table.py \\
+        SmolLM2=benchmarks/results/compare-smollm2-pairs/compare/compare.json \\
+        Gemma-3=benchmarks/results/compare-gemma3-pairs/compare/compare.json
 
-prints one markdown table (best held-out value per domain and sparsity in bold), then, per model
-and sparsity, whether EvoP meets the targets: its geometric mean over the held-out domains at or
-below every baseline's, on no domain more than 2% above the best baseline there, and its search
-seconds at or below SLEB's. EvoP's own ablations (the GA alone, no racing, ...) are not baselines.
+A model may name several ``compare.json`` (comma-separated): the first one's rows are the
+comparison; a later one adds the methods the first lacks, and its rows of a method the first has
+under that method's name and the later run's folder (an earlier EvoP, say), shown but never judged
+against the targets; ``PATH:m1+m2`` takes only those methods of a later one. It prints one
+markdown table (best held-out value per domain and sparsity in bold), then, per model and
+sparsity, whether EvoP meets the targets: its geometric mean over the held-out domains at or below
+every baseline's, on no domain more than 2% above the best baseline there, and its search seconds
+at or below SLEB's. EvoP's own ablations (the GA alone, no racing, ...) are not baselines.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def table(reports: dict[str, dict]) -> list[str]:
             for i, (method, r) in enumerate(rows.items()):
                 cells = [f"**{_f(v)}**" if v == best[d] else _f(v) for d, v in r["heldout_ppl"].items()]
                 mean = _mean(r)
-                label = "**evop**" if method == "evop" else LABEL.get(method, method)
+                label = "**evop**" if method == "evop" else r.get("label") or LABEL.get(method, method)
                 head = f"{name} {sparsity:.0%} ({r['k']}/{layers})" if i == 0 else ""
                 evaluations = str(r["evaluations"])
                 if r.get("cheap_evaluations"):
@@ -117,20 +122,43 @@ def _by_sparsity(report: dict) -> dict[float, dict[str, dict]]:
     out = {}
     for sparsity in sorted({u["sparsity"] for u in main_rows}):
         rows = {m: units.get(f"main/{m}/{sparsity}") for m in ORDER}
+        later = {k: u for k, u in units.items() if "@" in k and u.get("sparsity") == sparsity}
+        rows |= {key.split("/")[1]: u for key, u in later.items()}
         out[sparsity] = {m: r for m, r in rows.items() if r and r.get("heldout_ppl")}
     return out
+
+
+def merged(paths: list[str]) -> dict:
+    """The first report, plus the main-table rows of the later ones: under their own key when
+    the first lacks that method, else as ``method@folder`` labelled with the later run's folder."""
+    report = json.loads(Path(paths[0]).read_text())
+    units = report["units"]
+    for item in paths[1:]:
+        path, _, only = item.partition(":")
+        parent = Path(path).parent
+        folder = parent.parent.name if parent.name == "compare" else parent.name
+        for key, unit in json.loads(Path(path).read_text())["units"].items():
+            if not key.startswith("main/") or (only and key.split("/")[1] not in only.split("+")):
+                continue
+            if key not in units:
+                units[key] = unit
+            else:
+                _, method, sparsity = key.split("/")
+                label = f"{LABEL.get(method, method)} ({folder})"
+                units.setdefault(f"main/{method}@{folder}/{sparsity}", {**unit, "label": label})
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("reports", nargs="+", metavar="NAME=COMPARE_JSON")
+    parser.add_argument("reports", nargs="+", metavar="NAME=COMPARE_JSON[,COMPARE_JSON...]")
     args = parser.parse_args(argv)
     reports = {}
     for item in args.reports:
-        name, _, path = item.partition("=")
-        reports[name] = json.loads(Path(path).read_text())
+        name, _, paths = item.partition("=")
+        reports[name] = merged(paths.split(","))
     print("\n".join(table(reports)))
     print()
     print("\n".join(verdicts(reports)))

@@ -436,6 +436,36 @@ def test_the_readme_table_checks_issue_11s_targets_with_their_margins():
     assert "| m 30% (3/10) | **evop** | 1,2,3 | 5.00 | **9.00** | 10.10 | **9.53** |" in lines[3]
 
 
+def test_the_readme_table_adds_the_rows_of_other_folders_without_judging_them(tmp_path):
+    """Several ``compare.json`` of one model: a method the first lacks is a row of the comparison;
+    a method it has (an earlier EvoP) is shown under its folder's name, never against the targets."""
+    from benchmarks.compare_table import merged, table, verdicts
+
+    def row(method, ppl, seconds=10.0):
+        return {
+            "method": method, "sparsity": 0.3, "k": 3, "removed_layers": [1, 2, 3], "calib_fitness": 5.0,
+            "heldout_ppl": {"news": ppl}, "evaluations": 4, "tokens_forwarded": 64, "search_seconds": seconds,
+        }  # fmt: skip
+
+    dense = {"calib_fitness": 2.0, "heldout_ppl": {"news": 2.0}}
+    paths = []
+    for folder, units in {
+        "new": {"main/evop/0.3": row("evop", 9.0)},
+        "old": {"main/evop/0.3": row("evop", 8.0, seconds=99.0), "main/sleb/0.3": row("sleb", 10.0)},
+    }.items():
+        (tmp_path / folder / "compare").mkdir(parents=True)
+        paths.append(tmp_path / folder / "compare" / "compare.json")
+        paths[-1].write_text(json.dumps({"num_layers": 10, "units": {"dense": dense, **units}}))
+    report = merged([str(p) for p in paths])
+    lines = table({"m": report})
+    assert [line.split(" | ")[1] for line in lines[3:]] == ["**evop**", "sleb", "evop (old)"]
+    assert "**8.00**" in lines[5]  # the best value of the sparsity, whichever row holds it
+    # Judged against SLEB only: 9.0 vs 10.0 and 10 s vs 10 s; the old EvoP's 8.0 and 99 s ignored.
+    assert len(table({"m": merged([str(paths[0]), f"{paths[1]}:sleb"])})) == 5  # no old EvoP
+    verdict = verdicts({"m": report})[0]
+    assert verdict.startswith("m 30%: so far meets | geomean vs closest baseline (sleb) -10.0%")
+
+
 def test_only_the_anytime_points_the_plot_needs_are_judged():
     from evop.eval.compare_spec import ANYTIME_POINTS, anytime_to_judge
 
