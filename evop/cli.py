@@ -1,4 +1,4 @@
-"""The ``evop`` command line: assets, search, run, prune, ppl, bench, compare."""
+"""The ``evop`` command line: assets, search, run, prune, register, ppl, bench, compare."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from evop.config import ConfigError, EvoPConfig, load_config
-from evop.errors import EvoPError
+from evop.errors import BadInputError, EvoPError
 from evop.records import format_number
 
 log = logging.getLogger("evop")
@@ -23,10 +23,15 @@ examples:
   evop search --config configs/demo.yaml        # CCDS + EPPS only, writes result.json
   evop search --config my.yaml search.sparsity=0.3 model.name_or_path=meta-llama/Llama-3.1-8B
   evop prune --result runs/demo/result.json     # write the pruned checkpoint
+  evop register --result runs/demo/result.json  # register a finished run in MLflow (after an outage)
   evop ppl runs/demo/pruned-model --base evop-assets:smollm2 --text evop-assets:news
   evop search --config configs/demo.yaml search.method=sleb   # a baseline instead of EvoP's GA
   evop compare --config configs/compare-demo.yaml   # EvoP vs SLEB, ShortGPT, ... plus ablations
 """
+
+
+NOISY_LOGGERS = ("httpx", "urllib3", "sentence_transformers", "filelock", "botocore", "boto3", "s3transfer")
+"""Libraries whose INFO lines say nothing to a user (botocore: "Found credentials" per client)."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -35,8 +40,6 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "urllib3", "sentence_transformers", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _table(title: str, rows: list[tuple[str, Any]], locations: list[tuple[str, str]] = ()) -> None:
@@ -71,153 +74,76 @@ def _load_cfg(args: argparse.Namespace) -> EvoPConfig:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from evop.pipeline.local import run_search
-    from evop.pipeline.progress import SearchProgress, total_steps
     from evop.pipeline.results import RESULT_FILE
+    from evop.pipeline.summary import search_rows
 
     cfg = _load_cfg(args)
-    tracker = SearchProgress(total_steps(cfg.search))
-    bar = tqdm(total=tracker.total_steps, desc="EPPS steps", unit="step", disable=args.quiet)
-
-    def progress(entry: dict[str, Any]) -> None:
-        tracker.update(entry)
-        bar.n = tracker.done
-        bar.set_postfix(tracker.postfix(entry))
-        bar.refresh()
-
-    try:
-        result = run_search(cfg, on_generation=progress)
-    finally:
-        bar.close()
-    _table(
-        "EvoP search",
-        [
-            ("model", result["base_model"]),
-            (
-                "removed layers",
-                f"{result['removed_layers']} ({len(result['removed_layers'])} of {result['num_layers']})",
-            ),
-            (f"dense {result['fitness_metric']}", format_number(result["dense_fitness"], missing="diverged")),
-            (f"pruned {result['fitness_metric']}", format_number(result["fitness"], missing="diverged")),
-            (
-                "calibration",
-                f"{result['calibration']['method']}, {result['calibration']['n_samples']} x "
-                f"{result['calibration']['block_len']} tokens",
-            ),
-            (
-                "generations / evaluations",
-                f"{result['generations']} / {result['evaluations']} ({result['stop_reason']})",
-            ),
-            ("tokens forwarded", f"{result.get('tokens_forwarded') or 0:,}"),
-            ("wall time", f"{result['wall_time_s']:.1f} s"),
-            ("result", str(Path(cfg.output_dir) / RESULT_FILE)),
-        ],
-    )
+    args.stopped_where = cfg
+    with _ProgressBar(cfg, disable=args.quiet) as bar:
+        result = run_search(cfg, on_generation=bar.update)
+    _table("EvoP search", [*search_rows(result), ("result", str(Path(cfg.output_dir) / RESULT_FILE))])
     return 0
+
+
+class _ProgressBar:
+    """The search's progress bar, drawn from its first finished step on (not over the checks and
+    the calibration before it), and wiped, not redrawn, when the search fails or is stopped."""
+
+    def __init__(self, cfg: EvoPConfig, disable: bool):
+        from evop.pipeline.progress import SearchProgress, total_steps
+
+        self.tracker = SearchProgress(total_steps(cfg.search))
+        self.disable = disable
+        self.bar: Any = None
+
+    def update(self, entry: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            total = self.tracker.total_steps
+            self.bar = tqdm(total=total, desc="EPPS steps", unit="step", disable=self.disable)
+        self.tracker.update(entry)
+        self.bar.n = self.tracker.done
+        self.bar.set_postfix(self.tracker.postfix(entry))
+        self.bar.refresh()
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        if self.bar is not None:
+            self.bar.leave = kind is None
+            self.bar.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from evop.pipeline.launcher import run_flow
     from evop.pipeline.preflight import check_run
+    from evop.pipeline.summary import run_rows
 
     cfg = _load_cfg(args)
     check_run(cfg)  # bad input fails here, in seconds, before Prefect starts
+    args.stopped_where = cfg
     summary = run_flow(cfg)
-    result, ppl = summary["result"], summary["perplexity"]
-    rows = [
-        ("model", result["base_model"]),
-        (
-            "removed layers",
-            f"{result['removed_layers']} ({len(result['removed_layers'])} of {result['num_layers']})",
-        ),
-        (
-            "generations / evaluations",
-            f"{result['generations']} / {result['evaluations']} ({result['stop_reason']})",
-        ),
-        ("generations run now", str(summary["generations_run_now"])),
-    ]
-    if summary["generations_run_now"]:
-        share = summary["checkpoint_seconds_now"] / max(summary["search_seconds_now"], 1e-9)
-        rows.append(
-            (
-                "checkpointing",
-                f"{summary['checkpoint_seconds_now']:.3f} s for {summary['generations_run_now']} generations "
-                f"({100 * share:.2f}% of {summary['search_seconds_now']:.1f} s of search)",
-            )
-        )
-    for text in ppl["dense"]:
-        dense, pruned = ppl["dense"][text], ppl["pruned"][text]
-        ratio = format_number(pruned / dense if dense and pruned else None, 3)
-        rows.append(
-            (
-                f"ppl {text}",
-                f"dense {format_number(dense, missing='diverged')} -> "
-                f"pruned {format_number(pruned, missing='diverged')} ({ratio}x)",
-            )
-        )
-    downstream = summary.get("downstream") or {}
-    for task, scores in (downstream.get("dense") or {}).items():
-        if isinstance(scores, dict):
-            metric = "acc_norm" if scores.get("acc_norm") is not None else "acc"
-            pruned_scores = downstream["pruned"][task]
-            rows.append(
-                (
-                    f"{task} {metric}",
-                    f"dense {format_number(scores.get(metric))} -> "
-                    f"pruned {format_number(pruned_scores.get(metric))}",
-                )
-            )
-    speed = summary.get("speed")
-    if speed:
-        from evop.eval.speed_report import format_speedup
-        rows.append(
-            (
-                "speed-up (pruned/dense)",
-                f"prefill {format_speedup(speed, 'prefill_speedup')}, "
-                f"decode {format_speedup(speed, 'decode_speedup')} "
-                f"(ideal {format_number(speed['ideal']['compute'])}x, "
-                f"params {format_number(speed['ratios'].get('params'))}x)",
-            )
-        )
     mlflow = summary.get("mlflow")
-    if mlflow:
-        rows.append(("MLflow model", f"{mlflow['model_name']} version {mlflow['model_version']}"))
     locations = [
         ("checkpoints", summary["checkpoints"]),
         ("result", str(Path(cfg.output_dir) / "result.json")),
         ("pruned model", summary["pruned_model"]),
+        *([("MLflow UI", mlflow["ui_command"])] if mlflow else []),
     ]
-    if mlflow:
-        locations.append(("MLflow UI", mlflow["ui_command"]))
-    _table("EvoP pipeline", rows, locations)
+    _table("EvoP pipeline", run_rows(summary), locations)
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from evop.config import build_config
-    from evop.errors import BadInputError
-    from evop.method.patterns import Pattern
     from evop.models.loading import load_model
     from evop.models.pruning import save_pruned
-    from evop.records import read_json
+    from evop.pipeline.results import read_result
 
-    result_path = Path(args.result)
-    if not result_path.is_file():
-        raise ConfigError(f"result file not found: {result_path} (run `evop search` first)")
-    result = read_json(result_path, "result file")
-    if not isinstance(result, dict):
-        raise BadInputError(f"result file {result_path}: expected a JSON object, got {type(result).__name__}")
-    missing = [key for key in ("config", "num_layers", "removed_layers") if key not in result]
-    if missing:
-        raise BadInputError(
-            f"result file {result_path} lacks {', '.join(repr(k) for k in missing)} "
-            "(not a result.json written by `evop search`)"
-        )
-    cfg = build_config(result["config"], args.overrides)
-    pattern = Pattern.of(result["num_layers"], result["removed_layers"])
-    out = Path(args.out) if args.out else result_path.parent / "pruned-model"
+    cfg, pattern, result = read_result(args.result, args.overrides)  # checked before any loading
+    out = Path(args.out) if args.out else Path(args.result).parent / "pruned-model"
     model, tokenizer = load_model(cfg.model)
     save_pruned(
         model,
@@ -234,6 +160,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from evop.pipeline.evaluation import register_saved_run
+
+    registered = register_saved_run(args.result, args.overrides)
+    _table(
+        "evop register",
+        [("MLflow model", f"{registered['model_name']} version {registered['model_version']}")],
+        [("MLflow UI", registered["ui_command"])],
+    )
+    return 0
+
+
 def cmd_ppl(args: argparse.Namespace) -> int:
     from evop.config import ModelConfig
     from evop.eval.perplexity import load_blocks, perplexities, text_blocks
@@ -245,12 +183,11 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     ]
     if not args.calibration and not args.text:
         raise ConfigError("nothing to score: give --calibration and/or --text")
+    calibration = load_blocks(args.calibration) if args.calibration else None  # before any model
     rows: list[dict[str, Any]] = []
     for label, ref in models:
         model, tokenizer = load_model(ModelConfig(name_or_path=ref, device=args.device))
-        sets = {}
-        if args.calibration:
-            sets["calibration"] = load_blocks(args.calibration)
+        sets = {} if calibration is None else {"calibration": calibration}
         for text in args.text:
             name = text.removeprefix("evop-assets:")
             sets[f"held-out {name}"] = text_blocks(text, tokenizer, args.block_len, args.max_blocks)
@@ -293,18 +230,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from evop.eval.speed import add_checkpoint_sizes, compare_speed
     from evop.eval.speed_report import format_speed_table
     from evop.method.patterns import Pattern
-    from evop.models.loading import load_model
+    from evop.models.loading import load_model, read_num_layers
     from evop.models.pruning import prune_layers
 
     if (args.model is None) == (args.pattern is None):
         raise ConfigError("give either a pruned model (PRUNED) or --pattern, not both")
+    base = ModelConfig(name_or_path=args.base, device=args.device, dtype=args.dtype)
+    if args.pattern:  # checked against the model's configuration before its weights are loaded
+        pattern = Pattern.parse(args.pattern)
+        layers = read_num_layers(base)
+        if pattern.num_layers != layers:
+            raise BadInputError(
+                f"--pattern {args.pattern}: {args.base} has {layers} layers, not {pattern.num_layers}"
+            )
 
     def load(ref: str):
-        return load_model(ModelConfig(name_or_path=ref, device=args.device, dtype=args.dtype))
+        return load_model(base.model_copy(update={"name_or_path": ref}))
 
     dense, tokenizer = load(args.base)
     if args.pattern:
-        pruned = prune_layers(copy.deepcopy(dense), Pattern.parse(args.pattern), base_model=args.base)
+        pruned = prune_layers(copy.deepcopy(dense), pattern, base_model=args.base)
     else:
         pruned, _ = load(args.model)
     report = compare_speed(
@@ -327,12 +272,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _numbers(text: str, kind: type, flag: str) -> list:
+    """``"0.2,0.3"`` as numbers of ``kind``; anything else is one line naming the flag."""
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        example = "0.2,0.3" if kind is float else "0,1,2"
+        raise BadInputError(f"{flag} {text!r}: expected comma-separated numbers, e.g. {example}") from None
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -341,17 +287,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from evop.eval.compare_spec import TABLE_FILE, CompareSpec
     from evop.pipeline.preflight import check_search
 
-    cfg = _load_cfg(args)
-    check_search(cfg)
     spec = CompareSpec(
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-        sparsities=_floats(args.sparsities),
-        ablation_seeds=_ints(args.ablation_seeds),
+        sparsities=_numbers(args.sparsities, float, "--sparsities"),
+        ablation_seeds=_numbers(args.ablation_seeds, int, "--ablation-seeds"),
         optimum_k=args.optimum_k or None,
-        optimum_seeds=_ints(args.optimum_seeds),
+        optimum_seeds=_numbers(args.optimum_seeds, int, "--optimum-seeds"),
         lm_eval=args.lm_eval,
         anytime_points=args.anytime_points,
     )
+    cfg = _load_cfg(args)
+    check_search(cfg)
     out = Path(args.out or Path(cfg.output_dir) / "compare")
     Comparison(cfg, spec, out).run()
     print((out / TABLE_FILE).read_text())
@@ -413,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.device=cpu")
     p.set_defaults(func=cmd_prune)
 
+    p = sub.add_parser("register", help="log a finished run to MLflow and register its pruned model")
+    p.add_argument("--result", required=True, help="result.json of `evop run` (pruned-model beside it)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. registry.tracking_uri=http://host:5000")
+    p.set_defaults(func=cmd_register)
+
     p = sub.add_parser("ppl", help="perplexity of a model, or of dense vs pruned")
     p.add_argument("model", help="model directory or hub id (the pruned one when --base is given)")
     p.add_argument("--base", help="dense model to compare against")
@@ -463,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("evop").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     else:
         _setup_logging(args.verbose)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
@@ -473,7 +426,22 @@ def main(argv: list[str] | None = None) -> int:
         # The same verdict the task retry policy reads (evop.errors): say what to do about it.
         hint = "" if err.permanent else " (a transient failure: running the same command again resumes)"
         print(f"evop: {err}{hint}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"evop: stopped by Ctrl-C {_where_it_stopped(args)}", file=sys.stderr)
+        return 130
     return 2
+
+
+def _where_it_stopped(args: argparse.Namespace) -> str:
+    """The rest of the one line printed on Ctrl-C: where the command stopped, and how to go on."""
+    cfg = getattr(args, "stopped_where", None)
+    if cfg is not None:  # a search (evop search, evop run): its store says where
+        from evop.pipeline.summary import where_it_stopped
+
+        return f"{where_it_stopped(cfg)}; run the same command again to resume from there"
+    if args.command == "compare":
+        return "; finished results are kept: run the same command again to resume"
+    return "; nothing half-written was kept"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 
 Every step is idempotent against the checkpoint store (file:// or s3://), so re-running the flow
 with the same config (a new run, a flow retry, the UI's Retry, another machine) skips finished
-steps and continues the search at the first unfinished generation.
+steps and continues the search at the first unfinished generation. The search steps run under the
+search's lease: two runs of one search at once compute it once.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.context import get_run_context
+from prefect.states import Failed
 
 from evop.config import EvoPConfig
 from evop.errors import BadInputError
 from evop.pipeline.evaluation import final_metrics
 from evop.pipeline.progress import SearchProgress, total_steps
-from evop.pipeline.store import RunStore
+from evop.pipeline.store import RunStore, search_lease
 from evop.records import format_number
+from evop.storage.lease import Lease
 from tasks.calibration import check_config, embed_pool, sample_calibration_set, segment_dataset
 from tasks.evaluation import evaluate_perplexity, measure_speed, score_downstream, write_report
 from tasks.pruning import prune_model
@@ -124,64 +127,13 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
     log.info("checkpoints of this search: %s", run.url())
     with library_logs_in_run(), gpu:
         check_config(config)  # bad input fails here, in seconds, before any heavy work
-        pool_url = segment_dataset(config)
-        embeddings_url = embed_pool(config, pool_url)
-        calibration = sample_calibration_set(config, embeddings_url)
-
-        rows: list[dict[str, Any]] = []
-        if config.search.method != "evop":
-            outcome = run_baseline(config)
-            create_table_artifact(
-                _baseline_rows(outcome),
-                key=_artifact_key(config, "generations"),
-                description=f"{config.search.method} search of this run",
-            )
-            status = {"generation": -1, "done": True}
-        else:
-            status = search_status(config)
-        # Polish rounds come after the GA's generations and are counted like them.
-        total = total_steps(config.search)
-        tracker = SearchProgress(total, done=status["generation"] + 1)
-        progress_id = create_progress_artifact(
-            progress=100.0 if status["done"] else 100.0 * (status["generation"] + 1) / total,
-            key=_artifact_key(config, "progress"),
-            description=f"EPPS generations and polish rounds done (of at most {total})",
-        )
-        generation, done = status["generation"] + 1, status["done"]
-        if done and config.search.method == "evop":
-            log.info("the search finished in an earlier run; reading its checkpoints")
-        elif status["generation"] >= 0:
-            log.info("resuming after generation %d", status["generation"])
-        while not done:
-            entry = run_generation(config, generation)
-            rows.append(
-                {
-                    "generation": entry["generation"],
-                    "phase": entry.get("phase", "ga"),  # "polish": a local-search round after the GA
-                    "best fitness": format_number(entry["best_fitness"], missing="diverged"),
-                    "mean fitness": format_number(entry["mean_fitness"], missing="diverged"),
-                    "evaluations": entry["evaluations"],
-                    "tokens forwarded": entry.get("tokens"),
-                    "raced out": entry.get("raced_out"),
-                    "seconds": round(entry["seconds"], 2),
-                    "workers": entry.get("workers", 1),
-                    "patterns/s": _rate(entry.get("new_evaluations"), entry["seconds"]),
-                    "tokens/s": _rate(entry.get("new_tokens"), entry["seconds"]),
-                    "checkpoint seconds": round(entry["checkpoint_seconds"], 3),
-                    "best pattern": entry["best_pattern"],
-                }
-            )
-            done = entry["done"]
-            tracker.update(entry)
-            update_progress_artifact(
-                progress_id, 100.0 if done else 100.0 * tracker.fraction, description=tracker.describe()
-            )
-            create_table_artifact(
-                rows, key=_artifact_key(config, "generations"), description="EPPS generations of this run"
-            )
-            generation += 1
-
-        result = finalize_search(config)
+        # One run at a time computes a search: a second run of it waits here, then reads it back.
+        with search_lease(config) as lease:
+            pool_url = segment_dataset(config)
+            embeddings_url = embed_pool(config, pool_url)
+            calibration = sample_calibration_set(config, embeddings_url)
+            rows = _search(config, lease)
+            result = finalize_search(config)
         pruned_dir = prune_model(config, result)
         perplexity = evaluate_perplexity(config, pruned_dir)
         downstream = score_downstream(config, pruned_dir)
@@ -194,9 +146,10 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
     metrics = final_metrics(perplexity, downstream, speed)
     flow_run = get_run_context().flow_run
     with library_logs_in_run():  # the registry's log lines too, without holding the GPU
-        registered = register_model(
-            config, report, pruned_dir, metrics, str(flow_run.id) if flow_run else None
+        registration = register_model(
+            config, report, pruned_dir, metrics, str(flow_run.id) if flow_run else None, return_state=True
         )
+    registered = registration.result(raise_on_failure=False) if registration.is_completed() else None
     summary = {
         "result": result,
         "pruned_model": pruned_dir,
@@ -213,7 +166,70 @@ def evop_pipeline(config: EvoPConfig = EvoPConfig()) -> dict[str, Any]:  # noqa:
         "checkpoint_seconds_now": sum(r["checkpoint seconds"] for r in rows),
     }
     create_markdown_artifact(_summary_markdown(summary), key=_artifact_key(config, "summary"))
+    if registration.is_failed():  # the run fails with the task's one line; its results are kept
+        return Failed(message=registration.message, data=registration.result(raise_on_failure=False))
     return summary
+
+
+def _search(config: EvoPConfig, lease: Lease) -> list[dict[str, Any]]:
+    """The search steps: a baseline as one task, or EvoP one task per generation (skipping those
+    in the store), with the progress artifact and the generations table updated as they finish.
+    Returns the table's rows of the generations computed now."""
+    log = get_run_logger()
+    rows: list[dict[str, Any]] = []
+    if config.search.method != "evop":
+        outcome = run_baseline(config)
+        create_table_artifact(
+            _baseline_rows(outcome),
+            key=_artifact_key(config, "generations"),
+            description=f"{config.search.method} search of this run",
+        )
+        status = {"generation": -1, "done": True}
+    else:
+        status = search_status(config)
+    # Polish rounds come after the GA's generations and are counted like them.
+    total = total_steps(config.search)
+    tracker = SearchProgress(total, done=status["generation"] + 1)
+    progress_id = create_progress_artifact(
+        progress=100.0 if status["done"] else 100.0 * (status["generation"] + 1) / total,
+        key=_artifact_key(config, "progress"),
+        description=f"EPPS generations and polish rounds done (of at most {total})",
+    )
+    generation, done = status["generation"] + 1, status["done"]
+    if done and config.search.method == "evop":
+        log.info("the search finished in an earlier run; reading its checkpoints")
+    elif status["generation"] >= 0:
+        log.info("resuming after generation %d", status["generation"])
+    while not done:
+        lease.check()  # lost to another run (this one could not renew it): stop here
+        entry = run_generation(config, generation)
+        rows.append(
+            {
+                "generation": entry["generation"],
+                "phase": entry.get("phase", "ga"),  # "polish": a local-search round after the GA
+                "best fitness": format_number(entry["best_fitness"], missing="diverged"),
+                "mean fitness": format_number(entry["mean_fitness"], missing="diverged"),
+                "evaluations": entry["evaluations"],
+                "tokens forwarded": entry.get("tokens"),
+                "raced out": entry.get("raced_out"),
+                "seconds": round(entry["seconds"], 2),
+                "workers": entry.get("workers", 1),
+                "patterns/s": _rate(entry.get("new_evaluations"), entry["seconds"]),
+                "tokens/s": _rate(entry.get("new_tokens"), entry["seconds"]),
+                "checkpoint seconds": round(entry["checkpoint_seconds"], 3),
+                "best pattern": entry["best_pattern"],
+            }
+        )
+        done = entry["done"]
+        tracker.update(entry)
+        update_progress_artifact(
+            progress_id, 100.0 if done else 100.0 * tracker.fraction, description=tracker.describe()
+        )
+        create_table_artifact(
+            rows, key=_artifact_key(config, "generations"), description="EPPS generations of this run"
+        )
+        generation += 1
+    return rows
 
 
 def _plots_markdown(report: dict[str, Any]) -> str:

@@ -13,10 +13,11 @@ from prefect.cache_policies import NO_CACHE
 
 STORE_IS_THE_CACHE = NO_CACHE
 
-# Storage and network steps: retried with growing pauses (a storage outage of up to about
-# half a minute is absorbed; boto3 also retries each request a few times within a try).
-IO_RETRIES = 4
-IO_RETRY_DELAYS = [1, 2, 5, 10]
+# Storage outages are ridden out inside the library's store (one policy for the CLI and the tasks:
+# evop.storage.retry, storage.retry_s), with the step's work kept in memory. What is retried here
+# is the rest: a transient error that outlasted that, a network error of a dataset download.
+IO_RETRIES = 2
+IO_RETRY_DELAYS = [10, 60]
 
 
 def worth_retrying(task, task_run, state) -> bool:

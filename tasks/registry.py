@@ -17,5 +17,14 @@ def register_model(
     metrics: dict[str, float],
     flow_run_id: str | None,
 ) -> dict[str, Any] | None:
-    """Log the run to MLflow and register the pruned checkpoint as a new model version."""
-    return pipeline.register_model(config, result, pruned_dir, metrics, flow_run_id)
+    """Log the run to MLflow and register the pruned checkpoint as a new model version. A tracking
+    store that fails ends this task Failed with one line (no traceback): the results are kept, and
+    the line says how to register them later."""
+    from prefect.states import Failed
+
+    from evop.storage.tracking import RegistryError
+
+    try:
+        return pipeline.register_model(config, result, pruned_dir, metrics, flow_run_id)
+    except RegistryError as err:
+        return Failed(message=str(err), data=err)

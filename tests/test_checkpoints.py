@@ -22,16 +22,8 @@ from evop.config import SearchConfig
 from evop.method.genetic import GeneticSearch
 from evop.method.patterns import Pattern
 from evop.method.state import SearchState
-from evop.storage.checkpoints import (
-    MANIFEST,
-    CorruptCheckpointError,
-    LocalStore,
-    S3Store,
-    SearchCheckpoints,
-    StorageError,
-    generation_key,
-    open_store,
-)
+from evop.storage.checkpoints import MANIFEST, CorruptCheckpointError, SearchCheckpoints, generation_key
+from evop.storage.stores import LocalStore, S3Store, StorageError, open_store
 
 RUN = "run-a"
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from evop.config import ConfigError, EvoPConfig, build_config, check_output_dir, load_config
+from evop.config import ConfigError, EvoPConfig, build_config, load_config
 
 
 def test_defaults_are_valid_and_json_serialisable():
@@ -51,17 +50,6 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match=r"n_clusters \(8\) exceeds pool_size \(5\)"):
         build_config({"calibration": {"n_samples": 4, "pool_size": 5}})
     assert build_config({"calibration": {"n_samples": 4, "pool_size": 5, "method": "random"}})
-
-
-def test_check_output_dir(tmp_path):
-    out = tmp_path / "a" / "b"
-    assert check_output_dir(build_config({"output_dir": str(out)})) == out
-    assert out.is_dir() and not list(out.iterdir())  # created, and the probe file is gone
-    (tmp_path / "file").write_text("")
-    bad = tmp_path / "file" / "out"  # under a file: fails for root too (a read-only dir would not)
-    expected = rf"^output_dir: cannot write to {re.escape(str(bad))}: Not a directory"
-    with pytest.raises(ConfigError, match=expected):
-        check_output_dir(build_config({"output_dir": str(bad)}))
 
 
 def test_num_remove_wins_over_sparsity():

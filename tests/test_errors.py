@@ -14,7 +14,7 @@ import evop
 from evop.baselines.sampling import SearchTooLargeError, exhaustive
 from evop.errors import BadInputError, EvoPError, TransientError
 from evop.method.patterns import removable_layers
-from evop.storage.checkpoints import StorageError
+from evop.storage.stores import StorageError
 
 
 def _error_classes() -> list[type]:

@@ -9,32 +9,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from evop.cli import main
-from evop.config import build_config
 from evop.eval.perplexity import load_blocks
 from evop.method.fitness import perplexity
 from evop.method.patterns import Pattern
 from evop.models.layers import layers_skipped, num_layers
 from evop.pipeline.local import run_search
 from evop.pipeline.store import RunStore
+from tests.tiny_models import search_config
 
 
 def _cfg(tiny_dir, text_file, out, **search):
-    return build_config(
-        {
-            "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
-            "calibration": {
-                "dataset": str(text_file),
-                "pool_size": 32,
-                "block_len": 32,
-                "n_samples": 6,
-                "embedder": "model",
-                "n_clusters": 3,
-            },
-            "search": {"sparsity": 0.25, "population": 6, "generations": 4, "patience": 10, **search},
-            "fitness": {"batch_size": 4},
-            "output_dir": str(out),
-        }
-    )
+    return search_config(tiny_dir, text_file, out, **search)
 
 
 def test_search_prune_ppl_cli(tiny_dir, text_file, tmp_path, capsys):
@@ -215,7 +200,7 @@ def test_bad_input_is_found_before_any_work_in_one_line(
     """k against the model's layers, protected layers and the output directory are checked before
     calibration: one line naming the problem, exit 2, and nothing written to the store."""
     out = tmp_path / "run"
-    cfg = _cfg(tiny_dir, text_file, out)
+    cfg = _cfg(tiny_dir, text_file, out, sparsity=None, num_remove=2)
     (tmp_path / "c.yaml").write_text(json.dumps(cfg.model_dump(mode="json")))
     assert main(["search", "--config", str(tmp_path / "c.yaml"), "--quiet", override]) == 2
     err = capsys.readouterr().err

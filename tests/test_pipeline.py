@@ -19,11 +19,13 @@ from transformers import AutoModelForCausalLM
 from evop import pipeline
 from evop.config import build_config
 from evop.models.layers import num_layers
-from evop.storage.checkpoints import StorageError, generation_key
+from evop.storage.checkpoints import generation_key
+from evop.storage.stores import StorageError
 
 pytest.importorskip("prefect")
 
 from flows.evop_pipeline import evop_pipeline  # noqa: E402
+from tests.outages import break_sqlite_registry_after  # noqa: E402
 
 
 def make_cfg(tiny_dir, text_file, out, checkpoints=None, evaluation=None, registry=None, **search):
@@ -245,7 +247,7 @@ def test_bad_bucket_fails_the_flow_at_once_without_retries(
     start = time.perf_counter()
     with pytest.raises(StorageError, match="does not exist"):
         evop_pipeline(config=cfg)
-    # Bad input is not retried (the transient retries would pause 1+2+5+10 s).
+    # Bad input is not retried (the transient retries would pause 10 + 60 s).
     assert time.perf_counter() - start < 15
 
 
@@ -336,24 +338,26 @@ def test_flow_scores_lm_eval_speed_and_registers_in_mlflow(
 def test_failed_registration_keeps_results_and_a_rerun_retries_only_it(
     prefect_api, tiny_dir, text_file, tmp_path
 ):
-    from evop.storage.registry import RegistryError
+    """The tracking store passes the pre-flight, then fails at the end (its SQLite file turns into a
+    folder once the search is done): the run fails with one error that says how to register later,
+    everything computed is kept, and a rerun once the store is back runs only the registration."""
+    from evop.storage.tracking import RegistryError
 
-    out = tmp_path / "run"
-    bad = make_cfg(
-        tiny_dir,
-        text_file,
-        out,
-        generations=1,
-        registry={"enabled": True, "tracking_uri": "http://127.0.0.1:1"},
+    out, db = tmp_path / "run", tmp_path / "registry" / "mlflow.db"
+    cfg = make_cfg(
+        tiny_dir, text_file, out, generations=1, registry={"enabled": True, "tracking_uri": f"sqlite:///{db}"}
     )
+
+    breaker = break_sqlite_registry_after(out / "result.json", db)
     start = time.perf_counter()
-    with pytest.raises(RegistryError, match="127.0.0.1:1"):
-        evop_pipeline(config=bad)
+    with pytest.raises(RegistryError, match=r"not usable.*evop register --result .*result.json"):
+        evop_pipeline(config=cfg)
+    breaker.join()
     assert time.perf_counter() - start < 120  # not retried for minutes
     assert (out / "result.json").is_file() and (out / "pruned-model" / "config.json").is_file()
 
-    good = make_cfg(tiny_dir, text_file, out, generations=1, registry={"enabled": True})
-    summary = evop_pipeline(config=good)
+    db.rmdir()
+    summary = evop_pipeline(config=cfg)
     assert summary["generations_run_now"] == 0  # the search was not redone
     assert str(summary["mlflow"]["model_version"]) == "1"
 
@@ -371,24 +375,37 @@ def test_flow_runs_a_baseline_method_as_one_task(prefect_api, tiny_dir, text_fil
     assert comparable(library) == comparable(result)
 
 
-def test_a_finished_search_is_not_recomputed_when_its_newest_checkpoint_is_corrupted(
-    tiny_dir, text_file, tmp_path, reference, monkeypatch
+def test_a_finished_search_with_a_torn_newest_checkpoint_recomputes_only_that_generation(
+    tiny_dir, text_file, tmp_path, reference, monkeypatch, caplog
 ):
-    """result.json in the store is the record of a finished search: a torn newest checkpoint
-    afterwards must not make a re-run recompute that generation (it cannot change the result)."""
+    """result.json in the store is believed only when it agrees with the search's last checkpoint:
+    with that checkpoint torn, it cannot be checked, so the last generation is computed again (and
+    only it: every earlier one is read back) and the record comes out the same."""
     from evop.method.fitness import PatternScorer
     from evop.pipeline.local import run_search
 
     cfg = make_cfg(tiny_dir, text_file, tmp_path / "run")
     first = run_search(cfg)
-    newest = generation_key(first["generations"])
-    broken = tmp_path / "run" / "checkpoints" / pipeline.run_prefix(cfg) / newest
-    broken.write_bytes(broken.read_bytes()[:-40])
-    calls = []
-    original = PatternScorer.__call__
-    monkeypatch.setattr(PatternScorer, "__call__", lambda self, p: calls.append(p) or original(self, p))
-    again = run_search(cfg)
-    assert calls == []
+    checkpoints = pipeline.RunStore(cfg).checkpoints
+    last, before = checkpoints.load(first["generations"]), checkpoints.load(first["generations"] - 1)
+    store = tmp_path / "run" / "checkpoints" / pipeline.run_prefix(cfg)
+    newest = store / generation_key(first["generations"])
+    newest.write_bytes(newest.read_bytes()[:-40])
+    scored = []
+
+    def spying(original):
+        def spy(self, pattern, *args, **kwargs):
+            scored.append(str(pattern))
+            return original(self, pattern, *args, **kwargs)
+
+        return spy
+
+    for name in ("__call__", "stage_sums"):  # every way the search and the final check score a pattern
+        monkeypatch.setattr(PatternScorer, name, spying(getattr(PatternScorer, name)))
+    with caplog.at_level("ERROR", logger="evop"):
+        again = run_search(cfg)
+    assert any(newest.name in r.getMessage() and "corrupted" in r.getMessage() for r in caplog.records)
+    assert scored and set(scored) <= set(last.memo) - set(before.memo)
     assert comparable(again) == comparable(first) == comparable(reference)
     assert pipeline.search_status(cfg) == {"generation": first["generations"], "done": True}
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from evop.config import build_config
+from evop.config import ConfigError, build_config
 from evop.errors import BadInputError, EvoPError
-from evop.pipeline.preflight import check_run, check_search
+from evop.pipeline.preflight import check_output_dir, check_run, check_search
 
 
 def _cfg(tiny_dir, text_file, out, **sections):
@@ -55,3 +57,14 @@ def test_bad_input_is_one_named_error(tiny_dir, text_file, tmp_path, sections, m
     with pytest.raises(EvoPError, match=message) as info:
         check_run(_cfg(tiny_dir, text_file, tmp_path / "out", **sections))
     assert info.value.permanent
+
+
+def test_check_output_dir(tmp_path):
+    out = tmp_path / "a" / "b"
+    assert check_output_dir(build_config({"output_dir": str(out)})) == out
+    assert out.is_dir() and not list(out.iterdir())  # created, and the probe file is gone
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "out"  # under a file: fails for root too (a read-only dir would not)
+    expected = rf"^output_dir: cannot write to {re.escape(str(bad))}: Not a directory"
+    with pytest.raises(ConfigError, match=expected):
+        check_output_dir(build_config({"output_dir": str(bad)}))

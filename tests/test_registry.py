@@ -24,12 +24,12 @@ from evop.pipeline.results import build_result
 from evop.storage.registry import (
     FLOW_RUN_TAG,
     RUN_KEY_TAG,
-    RegistryError,
     flatten_params,
     load_registered_model,
     log_and_register,
     run_key,
 )
+from evop.storage.tracking import RegistryError
 
 NUM_LAYERS = 6
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -243,7 +243,7 @@ def test_unreachable_server_fails_fast_and_leaves_files(tmp_path, pruned):
 
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
-    from evop.storage.registry import tracking_uri
+    from evop.storage.tracking import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri(_config(tmp_path)) == f"sqlite:///{(tmp_path / 'out').resolve()}/mlflow.db"

@@ -145,3 +145,34 @@ def write_sentences(path, n_docs: int = 30, seed: int = 1):
     ]
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
+
+
+def search_config(model_dir, text_file, out, overrides=(), **search):
+    """A small search of the tiny model on ``text_file`` (8 layers: k=2, layers 0 and 7 protected),
+    written to ``out``; ``search`` replaces search settings, ``overrides`` are ``key=value`` strings."""
+    from evop.config import build_config
+
+    return build_config(
+        {
+            "model": {"name_or_path": str(model_dir), "device": "cpu"},
+            "calibration": {
+                "dataset": str(text_file),
+                "pool_size": 32,
+                "block_len": 32,
+                "n_samples": 6,
+                "embedder": "model",
+                "n_clusters": 3,
+            },
+            "search": {"sparsity": 0.25, "population": 6, "generations": 4, "patience": 10, **search},
+            "fitness": {"batch_size": 4},
+            "output_dir": str(out),
+        },
+        list(overrides),
+    )
+
+
+def comparable(result: dict) -> dict:
+    """A result without timings, locations and config: what must match between runs of one search."""
+    out = {k: v for k, v in result.items() if k not in ("wall_time_s", "checkpoints", "config")}
+    out["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in result["history"]]
+    return out

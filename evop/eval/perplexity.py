@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from evop.errors import BadInputError
 from evop.method.calibration import load_texts, token_blocks
 from evop.method.fitness import perplexity
 
@@ -123,10 +124,24 @@ def save_blocks(blocks: "torch.Tensor", path: str | Path) -> Path:
 
 
 def load_blocks(path: str | Path) -> "torch.Tensor":
-    """Read blocks saved by :func:`save_blocks`."""
+    """Read blocks saved by :func:`save_blocks`.
+
+    Raises:
+        BadInputError: naming the file when it is missing, a directory, or not such a file.
+    """
     from safetensors.torch import load_file
 
-    return load_file(str(path))["blocks"]
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a directory" if path.is_dir() else "not found"
+        raise BadInputError(f"calibration blocks {path} {problem} (calibration.safetensors of `evop search`)")
+    try:
+        blocks = load_file(str(path)).get("blocks")
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error type on foreign bytes)
+        raise BadInputError(f"calibration blocks {path}: not a safetensors file ({err})") from None
+    if blocks is None or blocks.dim() != 2 or blocks.is_floating_point():
+        raise BadInputError(f"calibration blocks {path}: no 2-D 'blocks' tensor of token ids in it")
+    return blocks
 
 
 def perplexities(

@@ -7,7 +7,8 @@ logged as one line (``"1,5,7/30"``) and be read back from that line or from JSON
 Every search method checks its problem the same way: :func:`layers_to_remove` turns a sparsity
 (or a count) into ``k``, :func:`resolve_protected` resolves protected layers (negative indices
 count from the end) and :func:`removable_layers` lists the layers a pattern may remove once it
-has checked that ``k`` fits.
+has checked that ``k`` fits. :class:`PatternSpace` is that problem as a value: what every pattern
+read back from a file (checkpoint, memo, result) is checked against.
 """
 
 from __future__ import annotations
@@ -119,3 +120,65 @@ def removable_layers(num_layers: int, protected: Sequence[int], k: int) -> list[
             f"(protected: {sorted(guarded)}) and at least one layer must stay"
         )
     return candidates
+
+
+@dataclass(frozen=True)
+class PatternSpace:
+    """The patterns one search may produce: of ``num_layers`` layers, ``k`` removed, none of them
+    protected. Everything read back (a checkpoint, a memo, a result) is checked against it, so an
+    edited file can never ship a pattern the config forbids.
+
+    Attributes:
+        num_layers: Decoder layers of the model (read from the model, not from the file).
+        k: Layers every final pattern removes.
+        removable: Layers a pattern may remove (the protected ones excluded).
+        protected: The config's ``protected_layers`` as given (for messages).
+    """
+
+    num_layers: int
+    k: int
+    removable: tuple[int, ...]
+    protected: tuple[int, ...] = ()
+
+    @classmethod
+    def of(
+        cls, num_layers: int, sparsity: float | None, count: int | None, protected: Sequence[int]
+    ) -> "PatternSpace":
+        """The space of a search settings' ``sparsity``/``num_remove`` and ``protected_layers``."""
+        k = layers_to_remove(num_layers, sparsity, count)
+        return cls(num_layers, k, tuple(removable_layers(num_layers, protected, k)), tuple(protected))
+
+    def problem(self, pattern: "Pattern | str", exact_k: bool = True) -> str | None:
+        """What is wrong with ``pattern`` here, in a few words; None when it fits.
+
+        ``exact_k=False`` also admits smaller patterns (the steps of a greedy search, single
+        layers scored to rank them), never larger ones.
+        """
+        if not isinstance(pattern, Pattern):
+            try:
+                pattern = Pattern.parse(pattern)
+            except BadInputError as err:
+                return str(err)
+        if pattern.num_layers != self.num_layers:
+            layers = pattern.num_layers
+            return f"pattern {pattern} is for a model of {layers} layers; this one has {self.num_layers}"
+        if pattern.k > self.k or (exact_k and pattern.k != self.k) or pattern.k == 0:
+            return f"pattern {pattern} removes {pattern.k} layers; this search removes {self.k}"
+        guarded = sorted(set(pattern.removed) - set(self.removable))
+        if guarded:
+            return (
+                f"pattern {pattern} removes protected layers {guarded} "
+                f"(search.protected_layers {list(self.protected)})"
+            )
+        return None
+
+    def check(self, pattern: "Pattern | str", what: str, exact_k: bool = True) -> Pattern:
+        """``pattern`` as a :class:`Pattern` if it fits this space.
+
+        Raises:
+            BadInputError: ``<what>: <problem>``.
+        """
+        problem = self.problem(pattern, exact_k)
+        if problem is not None:
+            raise BadInputError(f"{what}: {problem}")
+        return pattern if isinstance(pattern, Pattern) else Pattern.parse(pattern)

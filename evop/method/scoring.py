@@ -264,6 +264,9 @@ class ScoreMemo:
     """
 
     KINDS = ("full", "cheap")
+    STAGE_KINDS = ("stages", "cheap_stages")
+    TABLES = KINDS + STAGE_KINDS
+    """Its ``pattern -> ...`` tables, as :meth:`to_json` names them."""
 
     def __init__(
         self, write: Callable[[dict[str, Any]], None], data: dict[str, Any] | None = None, every: float = 30.0
@@ -277,7 +280,7 @@ class ScoreMemo:
             )
         self.stages: dict[str, tuple[list[float], list[float]]] = {}
         self.cheap_stages: dict[str, tuple[list[float], list[float]]] = {}
-        for kind in ("stages", "cheap_stages"):
+        for kind in self.STAGE_KINDS:
             for k, (sums, secs) in (data or {}).get(kind, {}).items():
                 getattr(self, kind)[k] = ([math.inf if v is None else v for v in sums], list(secs))
         self._write = write
@@ -292,7 +295,7 @@ class ScoreMemo:
             kind: {k: [finite_or_none(v), round(t, 4)] for k, (v, t) in getattr(self, kind).items()}
             for kind in self.KINDS
         }
-        for kind in ("stages", "cheap_stages"):
+        for kind in self.STAGE_KINDS:
             data[kind] = {
                 k: [[finite_or_none(v) for v in sums], [round(t, 4) for t in secs]]
                 for k, (sums, secs) in getattr(self, kind).items()

@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from evop.method.patterns import PatternSpace
 
 STATE_FORMAT = 1
 """Version of the JSON written by :meth:`SearchState.to_json`."""
@@ -104,6 +107,33 @@ class SearchState:
     def evaluations(self) -> int:
         """Distinct patterns scored so far (fitness calls, thanks to the memo)."""
         return len(self.memo)
+
+    def problem(self, space: "PatternSpace") -> str | None:
+        """What makes this state (read back from a file) not a state of the search ``space``
+        describes, in a few words; None when every pattern in it fits.
+
+        A checksum only catches accidents: this catches an edited state (a protected layer, another
+        ``k``, another model) before its best pattern could be pruned and shipped.
+        """
+        if (self.num_layers, self.k) != (space.num_layers, space.k):
+            return (
+                f"a search of {self.k} of {self.num_layers} layers; this one removes {space.k} of "
+                f"{space.num_layers}"
+            )
+        if tuple(self.candidates) != space.removable:
+            return f"removable layers {self.candidates}; this search's are {list(space.removable)}"
+        patterns = [*self.population, *self.memo, *self.stage_sums, *([self.best] if self.best else [])]
+        patterns += [h["best_pattern"] for h in self.history if h.get("best_pattern")]
+        for pattern in dict.fromkeys(patterns):  # each once, in order
+            problem = space.problem(pattern)
+            if problem is not None:
+                return problem
+        if self.best is not None and self.best not in self.memo:
+            return f"its best pattern {self.best} was never scored"
+        if self.best is not None and self.memo[self.best] != self.best_fitness:
+            score = self.memo[self.best]
+            return f"its best fitness {self.best_fitness} is not the score of {self.best} ({score})"
+        return None
 
     def to_json(self) -> str:
         """Serialise to strict JSON (no ``Infinity``/``NaN``; those are written as ``"inf"``...).

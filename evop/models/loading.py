@@ -2,13 +2,14 @@
 
 :func:`load_model` takes a hub id, a local directory, a GGUF file or an ``evop-assets:`` reference,
 resolves the device (``auto``: CUDA when available) and the dtype, and reports a model that cannot
-be found or read as a :class:`ModelLoadError` naming it. :func:`read_num_layers` reads the decoder
-layer count from the configuration alone, for checks before any heavy work.
+be found or read as a :class:`ModelLoadError` naming it. :func:`read_model_shape` reads the decoder
+layer count and the context length from the configuration alone, for checks before any heavy work.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evop.errors import BadInputError
@@ -33,9 +34,15 @@ def resolve_device(device: str) -> "torch.device":
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r} (use 'auto', 'cpu', 'cuda', 'cuda:1')") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available (use 'cpu' or 'auto')")
+    visible = torch.cuda.device_count() if resolved.type == "cuda" else 0
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= visible:
+        raise ModelLoadError(f"device {device!r} requested but only {visible} GPUs are visible")
     return resolved
 
 
@@ -157,9 +164,22 @@ def forget_quantization(model: "nn.Module") -> None:
         del model.config.quantization_config
 
 
-def read_num_layers(cfg: "ModelConfig") -> int:
-    """The model's decoder layer count from its configuration alone (no weights: seconds, not
-    minutes), for checks before any heavy work.
+@dataclass(frozen=True)
+class ModelShape:
+    """What the checks before any heavy work need of a model, read from its configuration alone.
+
+    Attributes:
+        num_layers: Decoder layers.
+        context: Longest sequence it takes (``max_position_embeddings``); None when unknown.
+    """
+
+    num_layers: int
+    context: int | None
+
+
+def read_model_shape(cfg: "ModelConfig") -> ModelShape:
+    """The model's decoder layer count and context length from its configuration alone (no
+    weights: seconds, not minutes), for checks before any heavy work.
 
     Raises:
         ModelLoadError: naming the model when its configuration cannot be found or read.
@@ -183,4 +203,10 @@ def read_num_layers(cfg: "ModelConfig") -> int:
     count = getattr(sub, "num_hidden_layers", None) or getattr(sub, "n_layer", None)
     if not count:
         raise ModelLoadError(f"the configuration of {cfg.name_or_path!r} does not say how many layers it has")
-    return int(count)
+    context = getattr(sub, "max_position_embeddings", None) or getattr(sub, "n_positions", None)
+    return ModelShape(int(count), int(context) if context else None)
+
+
+def read_num_layers(cfg: "ModelConfig") -> int:
+    """The model's decoder layer count from its configuration alone (see :func:`read_model_shape`)."""
+    return read_model_shape(cfg).num_layers

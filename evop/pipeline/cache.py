@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from evop.config import EvoPConfig
+from evop.pipeline.space import forget_shapes
 from evop.pipeline.store import BLOCKS, SAMPLE, RunStore
 
 if TYPE_CHECKING:
@@ -77,3 +78,4 @@ def forget_models() -> None:
     _POOLS.clear()
     _MODELS.clear()
     _SCORERS.clear()
+    forget_shapes()

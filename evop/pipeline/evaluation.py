@@ -245,18 +245,57 @@ def register_model(
     and a re-run retries only this step.
     """
     from evop.storage.registry import FLOW_RUN_TAG, log_and_register
+    from evop.storage.tracking import RegistryError
 
     if not cfg.registry.enabled:
         return None
     run = RunStore(cfg)
     state = run.checkpoints.latest()
     tags = {FLOW_RUN_TAG: flow_run_id} if flow_run_id else {}
-    return log_and_register(
-        cfg,
-        result,
-        pruned_dir,
-        metrics,
-        artifacts=[str(Path(cfg.output_dir) / "result.json")],
-        tags=tags,
-        final_population=state.population if state else None,
+    saved = Path(cfg.output_dir) / "result.json"
+    try:
+        return log_and_register(
+            cfg,
+            result,
+            pruned_dir,
+            metrics,
+            artifacts=[str(saved)],
+            tags=tags,
+            final_population=state.population if state else None,
+        )
+    except RegistryError as err:
+        raise RegistryError(
+            f"{err}; the results are kept in {cfg.output_dir}: register them later with "
+            f"`evop register --result {saved}`, or run the same command again (finished steps are skipped)"
+        ) from err
+
+
+def register_saved_run(result_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """``evop register``: log a finished run (its ``result.json`` with the evaluation, and the
+    ``pruned-model`` beside it) to MLflow and register the model, e.g. after the tracking server
+    was down at the end of ``evop run``. The result is checked as ``evop prune`` checks it.
+
+    Raises:
+        BadInputError: the result or the pruned checkpoint beside it is not this run's.
+        RegistryError: the tracking store is not usable.
+    """
+    from evop.errors import BadInputError
+    from evop.pipeline.results import read_result
+    from evop.records import read_json
+    from evop.storage.registry import log_and_register
+    from evop.storage.tracking import check_registry
+
+    cfg, pattern, result = read_result(result_path, overrides)
+    pruned = Path(result_path).parent / "pruned-model"
+    saved = read_json(pruned / "evop_pattern.json", "pruned checkpoint record")
+    if not isinstance(saved, dict) or saved.get("pattern") != str(pattern):
+        raise BadInputError(
+            f"{pruned} holds pattern {saved.get('pattern') if isinstance(saved, dict) else saved!r}, not "
+            f"{pattern}: prune it again with `evop prune --result {result_path}`"
+        )
+    check_registry(cfg)
+    evaluation = result.get("evaluation") or {}
+    metrics = final_metrics(
+        evaluation.get("perplexity") or {}, evaluation.get("downstream"), evaluation.get("speed")
     )
+    return log_and_register(cfg, result, pruned, metrics, artifacts=[str(result_path)])

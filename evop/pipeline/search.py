@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from evop.config import EvoPConfig
 from evop.method.patterns import layers_to_remove
 from evop.pipeline.cache import cached_model, cached_scorer
+from evop.pipeline.space import outcome_problem, patterns_problem
 from evop.pipeline.store import (
     BASELINE_MEMO,
     BASELINE_OUTCOME,
@@ -29,6 +30,7 @@ from evop.pipeline.store import (
     RunStore,
     _require_tensor,
 )
+from evop.records import finite_or_none
 
 if TYPE_CHECKING:
     from evop.method.genetic import GeneticSearch
@@ -50,7 +52,7 @@ def segment_dataset(cfg: EvoPConfig) -> str:
     from evop.models.loading import load_tokenizer
 
     run = RunStore(cfg)
-    if run.get(POOL) is None:
+    if run.get_tensor(POOL) is None:
         c = cfg.calibration
         texts = load_texts(c.dataset, c.dataset_config, c.split, c.text_field)
         pool = block_pool(
@@ -72,7 +74,7 @@ def embed_pool(cfg: EvoPConfig) -> str | None:
     if cfg.calibration.method != "ccds":
         return None
     run = RunStore(cfg)
-    if run.get(EMBEDDINGS) is None:
+    if run.get_array(EMBEDDINGS) is None:
         pool = _require_tensor(run, POOL)
         if cfg.calibration.embedder == "model":
             model, tokenizer = cached_model(cfg)
@@ -94,7 +96,7 @@ def sample_calibration_set(cfg: EvoPConfig) -> dict[str, Any]:
 
     run = RunStore(cfg)
     saved = run.get_json(SAMPLE)
-    if saved is not None and run.get(BLOCKS) is not None:
+    if saved is not None and run.get_tensor(BLOCKS) is not None:
         return saved["summary"]
     pool = _require_tensor(run, POOL)
     embeddings = run.get_array(EMBEDDINGS) if cfg.calibration.method == "ccds" else None
@@ -129,7 +131,7 @@ def seed_search(cfg: EvoPConfig) -> dict[str, Any]:
     from evop.method.influence import layer_influence
 
     run = RunStore(cfg)
-    saved = run.get_json(INITIAL_PATTERNS)
+    saved = run.get_json(INITIAL_PATTERNS, check=patterns_problem(cfg, "patterns"))
     if saved is not None:
         return saved
     scorer = cached_scorer(run)
@@ -150,15 +152,49 @@ def seed_search(cfg: EvoPConfig) -> dict[str, Any]:
     return data
 
 
+def _finished_record(run: RunStore) -> dict[str, Any] | None:
+    """The store's ``result.json`` when it is the record of this search (its model, config hash
+    and pattern fit the config) and agrees with the search's last checkpoint (EvoP) or outcome (a
+    baseline); otherwise None, reported once, and the record is built again from the search."""
+    from evop.method.outcome import Outcome
+    from evop.pipeline.results import agreement_problem, result_problem
+    from evop.pipeline.space import search_space
+    from evop.storage.checkpoints import CorruptCheckpointError
+
+    def check(result: Any) -> str | None:
+        problem = result_problem(result, run.cfg, search_space(run.cfg))
+        if problem is not None:
+            return problem
+        if run.cfg.search.method != "evop":
+            outcome = run.get_json(BASELINE_OUTCOME, check=outcome_problem(run.cfg))
+            if outcome is None:
+                return "its search has no finished outcome"
+            mine = Outcome.from_json(outcome)
+            found = (str(mine.pattern), finite_or_none(mine.fitness))
+            if found != (result["pattern"], result.get("fitness")):
+                return f"it is not the outcome of its search ({mine.pattern}, fitness {mine.fitness})"
+            return None
+        latest = run.checkpoints.manifest().get("latest")
+        if latest is None:
+            return "its search has no checkpoint"
+        try:
+            state = run.checkpoints.load(int(latest))
+        except CorruptCheckpointError as err:
+            return f"its last checkpoint cannot be trusted ({err})"
+        return agreement_problem(result, state)
+
+    return run.get_json(RESULT, check=check)
+
+
 def search_status(cfg: EvoPConfig) -> dict[str, Any]:
     """Where the search stands in the store: ``{"generation": g, "done": bool}`` (g = -1: none).
 
-    A finished search's ``result.json`` is the record: once it is in the store, the search is
-    done, even if its newest generation checkpoint was corrupted afterwards (recomputing that
-    generation could not change the result, so it would be wasted work).
+    A finished search's ``result.json`` is the record, believed only when it agrees with the
+    search's last checkpoint (:func:`_finished_record`); one that does not is rebuilt from the
+    newest checkpoint that verifies, recomputing what that takes.
     """
     run = RunStore(cfg)
-    result = run.get_json(RESULT)
+    result = _finished_record(run)
     if result is not None:
         return {"generation": int(result.get("generations", 0)), "done": True}
     state = run.checkpoints.latest()
@@ -219,14 +255,13 @@ def run_baseline(cfg: EvoPConfig) -> dict[str, Any]:
     from evop.searches import run_method
 
     run = RunStore(cfg)
-    saved = run.get_json(BASELINE_OUTCOME)
+    saved = run.get_json(BASELINE_OUTCOME, check=outcome_problem(cfg))
     if saved is not None:
         return saved
     s = cfg.search
     scorer = cached_scorer(run)
-    memo = ScoreMemo(
-        lambda data: run.put_json(BASELINE_MEMO, data), run.get_json(BASELINE_MEMO), every=MEMO_SAVE_SECONDS
-    )
+    saved_memo = run.get_json(BASELINE_MEMO, check=patterns_problem(cfg, *ScoreMemo.TABLES, exact_k=False))
+    memo = ScoreMemo(lambda data: run.put_json(BASELINE_MEMO, data), saved_memo, every=MEMO_SAVE_SECONDS)
     if len(memo):
         log.info("resuming %s with %d saved scores from %s", s.method, len(memo), run.url(BASELINE_MEMO))
     cheap = None
@@ -278,6 +313,34 @@ def _validate(run: RunStore, state: "SearchState") -> tuple["Pattern | None", di
     return chosen, {**record, "chosen": str(chosen)}
 
 
+CONFIRM_TOLERANCE = 0.01
+"""Relative difference allowed between a final pattern's recorded and re-measured fitness (numerics
+of another device or batching stay far below it; a made-up score does not)."""
+
+
+def _confirm_score(run: RunStore, result: dict[str, Any]) -> None:
+    """Measure the final pattern again before it is recorded (one evaluation): a score in the
+    store that nobody measured (an edited checkpoint or memo whose patterns all fit the config)
+    stops the search here instead of being shipped.
+
+    Raises:
+        BadInputError: the record and the measurement disagree.
+    """
+    from evop.errors import BadInputError
+    from evop.method.patterns import Pattern
+
+    claimed = result["fitness"]
+    measured = finite_or_none(cached_scorer(run)(Pattern.parse(result["pattern"])))
+    if claimed is None and measured is None:
+        return
+    if claimed is None or measured is None or abs(measured - claimed) > CONFIRM_TOLERANCE * abs(measured):
+        raise BadInputError(
+            f"the search's record of {result['pattern']} (fitness {claimed}) is not what it measures now "
+            f"({measured}): the store {run.url()} was edited, or holds another model's scores; remove it "
+            "to search again"
+        )
+
+
 def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
     """Build ``result.json`` from the final checkpoint; write it to the store and ``output_dir``
     (with ``calibration.safetensors`` beside it for later perplexity checks)."""
@@ -287,17 +350,18 @@ def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
     from evop.records import write_json_atomic
 
     run = RunStore(cfg)
-    result = run.get_json(RESULT)
+    result = _finished_record(run)
     if result is None and cfg.search.method != "evop":
         from evop.method.outcome import Outcome
         from evop.pipeline.results import build_outcome_result
 
-        saved = run.get_json(BASELINE_OUTCOME)
+        saved = run.get_json(BASELINE_OUTCOME, check=outcome_problem(cfg))
         if saved is None:
             raise RuntimeError(f"the {cfg.search.method} search at {run.url()} is not finished")
         dense = cached_scorer(run).dense()
         result = build_outcome_result(cfg, Outcome.from_json(saved), dense, run.get_json(SAMPLE)["summary"])
         result["checkpoints"] = run.url()
+        _confirm_score(run, result)
         run.put_json(RESULT, result)
     if result is None:
         state = run.checkpoints.latest()
@@ -305,7 +369,7 @@ def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
             raise RuntimeError(f"the search at {run.url()} is not finished")
         dense = cached_scorer(run).dense()
         unseeded = {"patterns": [], "evaluations": 0, "seconds": 0.0, "tokens": 0}
-        seeding = run.get_json(INITIAL_PATTERNS) or unseeded
+        seeding = run.get_json(INITIAL_PATTERNS, check=patterns_problem(cfg, "patterns")) or unseeded
         wall = sum(h["seconds"] for h in state.history) + seeding["seconds"]
         final, validation = _validate(run, state)
         result = build_result(cfg, state, dense, run.get_json(SAMPLE)["summary"], wall, final)
@@ -320,6 +384,7 @@ def finalize_search(cfg: EvoPConfig) -> dict[str, Any]:
             result["seeding_tokens"] = tokens
         result["initial_patterns"] = seeding["patterns"]
         result["checkpoints"] = run.url()
+        _confirm_score(run, result)
         run.put_json(RESULT, result)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

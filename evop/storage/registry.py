@@ -12,9 +12,8 @@ MLflow 3 notes that shaped this module:
   whose ``source`` is the folder's artifact URI.
 * Everything goes through an explicit :class:`~mlflow.tracking.MlflowClient`; nothing touches the
   global tracking URI or the fluent "active run", so this is safe inside a long-lived worker.
-* An unreachable HTTP tracking server is retried for minutes by default
-  (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``); the first request here is a probe with few retries and a
-  short timeout, so a wrong URI fails in seconds with a :class:`RegistryError`.
+* A store that does not answer fails in seconds with a :class:`~evop.storage.tracking.RegistryError`
+  (:mod:`evop.storage.tracking`), not after MLflow's minutes of retries.
 
 Idempotency: the run is tagged ``evop.run_key`` = hash of the whole config. The pipeline is
 deterministic and resumable, so every flow run of one config (a retry, a re-run, a second
@@ -29,19 +28,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from evop.config import EvoPConfig
-from evop.environment import temporary_env
-from evop.errors import BadInputError
 from evop.records import finite_or_none
+from evop.storage.tracking import RegistryError, connect, default_artifact_location, describe, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -57,13 +53,6 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 MODEL_ARTIFACT_PATH = "pruned-model"
 """Artifact folder of the pruned Hugging Face directory inside the run."""
 
-PROBE_RETRIES = 1
-"""HTTP retries of the first request to the tracking server (MLflow's default is 7)."""
-
-PROBE_TIMEOUT_S = 5
-"""Seconds the first request to the tracking server may take (MLflow's default is 120)."""
-
-
 _PATTERN_KEYS = (
     "base_model",
     "pattern",
@@ -75,35 +64,6 @@ _PATTERN_KEYS = (
     "fitness",
 )
 """Fields of ``result`` copied into the small ``pattern.json`` artifact."""
-
-
-class RegistryError(BadInputError, RuntimeError):
-    """The run could not be tracked or the model not registered; the message names the URI."""
-
-
-def tracking_uri(cfg: EvoPConfig) -> str:
-    """The tracking URI of ``cfg``: the config, else ``$MLFLOW_TRACKING_URI``, else SQLite beside the results.
-
-    The default is ``sqlite:///<output_dir>/mlflow.db`` with an absolute path, so the same run
-    directory always finds its database whatever the working directory.
-    """
-    if cfg.registry.tracking_uri:
-        return cfg.registry.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///") :])
-
-
-def _default_artifact_location(uri: str) -> str | None:
-    """``<db dir>/mlartifacts`` for SQLite (MLflow's default is relative to the working directory)."""
-    db = _sqlite_path(uri)
-    return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
 
 
 def run_key(cfg: EvoPConfig) -> str:
@@ -133,31 +93,9 @@ def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _describe(uri: str) -> str:
-    scheme = urlparse(uri).scheme
-    return f"MLflow tracking server {uri}" if scheme in ("http", "https") else f"MLflow tracking store {uri}"
-
-
-def _connect(uri: str) -> "MlflowClient":
-    """A client for ``uri`` after one quick request, so a dead server fails in seconds."""
-    from mlflow.tracking import MlflowClient
-
-    with temporary_env(
-        MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(PROBE_RETRIES),
-        MLFLOW_HTTP_REQUEST_TIMEOUT=str(PROBE_TIMEOUT_S),
-        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
-    ):
-        try:
-            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-            client.search_experiments(max_results=1)
-        except Exception as err:  # connection refused, timeouts, bad URIs, broken databases...
-            raise RegistryError(f"{_describe(uri)} is not usable: {err}") from err
-    return client
-
-
 def _experiment_id(client: "MlflowClient", cfg: EvoPConfig, uri: str) -> str:
     reg = cfg.registry
-    wanted = reg.artifact_location or _default_artifact_location(uri)
+    wanted = reg.artifact_location or default_artifact_location(uri)
     exp = client.get_experiment_by_name(reg.experiment)
     if exp is None:
         from mlflow.exceptions import MlflowException
@@ -318,10 +256,7 @@ def log_and_register(
         raise RegistryError(f"artifact files not found: {', '.join(missing)}")
 
     uri = tracking_uri(cfg)
-    db = _sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    client = _connect(uri)
+    client = connect(uri)
     flow_run_id = tags.get(FLOW_RUN_TAG)
     key = run_key(cfg)
     answer = {"model_name": reg.registered_model, "tracking_uri": uri}
@@ -386,7 +321,7 @@ def log_and_register(
         raise
     except Exception as err:  # MlflowException, boto3/botocore, requests, OSError
         _fail(client, run_id)
-        raise RegistryError(f"logging to {_describe(uri)} failed: {err}") from err
+        raise RegistryError(f"logging to {describe(uri)} failed: {err}") from err
     log.info(
         "logged run %s and registered %s v%s; browse with: %s",
         run_id,
@@ -477,11 +412,11 @@ def load_registered_model(
     import mlflow.artifacts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    client = _connect(tracking_uri)
+    client = connect(tracking_uri)
     try:
         mv = client.get_model_version(name, str(version))
     except Exception as err:
-        raise RegistryError(f"{name} v{version} not found on {_describe(tracking_uri)}: {err}") from err
+        raise RegistryError(f"{name} v{version} not found on {describe(tracking_uri)}: {err}") from err
     tmp = None
     if dst_path is None:
         tmp = tempfile.mkdtemp(prefix="evop-model-")

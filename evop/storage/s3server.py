@@ -106,8 +106,8 @@ class LocalS3Server:
         secret_key: str = "evop-secret",
         rclone: Path | str | None = None,
     ) -> None:
-        if "," in access_key or "," in secret_key:
-            raise ValueError("access_key and secret_key must not contain ','")  # rclone's separator
+        if any(c in key for key in (access_key, secret_key) for c in ',"'):
+            raise ValueError("access_key and secret_key must not contain ',' or '\"'")  # rclone's CSV
         self.root = Path(root).resolve()
         self.port = port or None  # 0 means "any free port" too
         self.access_key = access_key
@@ -128,7 +128,7 @@ class LocalS3Server:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment variables boto3 (and :func:`evop.storage.checkpoints.open_store`) need."""
+        """The environment variables boto3 (and :func:`evop.storage.stores.open_store`) need."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_ACCESS_KEY_ID": self.access_key,
@@ -175,7 +175,6 @@ class LocalS3Server:
             "serve",
             "s3",
             f"--addr={HOST}:{self.port}",
-            f"--auth-key={self.access_key},{self.secret_key}",
             # rclone's directory cache (default 5 min) would hide buckets and files created in
             # `root` by anything but this server for minutes. Not 0: rclone 1.75 then slows down
             # request after request (seconds per call after a few dozen objects, then stalls).
@@ -188,8 +187,11 @@ class LocalS3Server:
         # would block the server. The log is reported when the server fails to start.
         self._log = tempfile.TemporaryFile(mode="w+b", prefix="evop-s3server-")
         started = time.monotonic()
+        # The key pair goes through the environment (rclone reads RCLONE_AUTH_KEY, CSV-quoted):
+        # a command line is visible to every user in `ps`, a process's environment is not.
+        env = {**os.environ, "RCLONE_AUTH_KEY": f'"{self.access_key},{self.secret_key}"'}
         self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env
         )
         atexit.register(self.stop)
         while True:

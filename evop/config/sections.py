@@ -1,20 +1,27 @@
-"""The one typed configuration of an EvoP run.
+"""The sections of the one typed configuration of an EvoP run, and :class:`EvoPConfig` that holds them.
 
-Precedence: ``key=value`` overrides on the command line > the YAML file > the defaults here.
-The same object is the CLI's input, the pipeline's parameter and what gets logged as params.
+Every field has a description (the configuration reference is generated from them); unknown keys
+are refused; cross-field checks live in validators. :meth:`EvoPConfig.search_hash` is the identity of
+a search: what names its checkpoints.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from evop.errors import BadInputError
+from evop.storage.urls import credentials_problem
 
 
 class ConfigError(BadInputError):
@@ -22,7 +29,8 @@ class ConfigError(BadInputError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `sparsity=nan` says "finite number", not a bound it cannot be compared to.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -228,7 +236,12 @@ class SearchConfig(_Section):
     @model_validator(mode="after")
     def _one_size(self) -> "SearchConfig":
         if self.num_remove is not None:
-            # An explicit count wins; clearing sparsity keeps the resolved config unambiguous.
+            if self.sparsity is not None and "sparsity" in self.model_fields_set:
+                raise ValueError(
+                    f"sparsity ({self.sparsity}) and num_remove ({self.num_remove}) are both set: keep "
+                    "one (e.g. search.sparsity=null to remove exactly num_remove layers)"
+                )
+            # The count replaces the default sparsity; clearing it keeps the resolved config unambiguous.
             object.__setattr__(self, "sparsity", None)
         elif self.sparsity is None:
             raise ValueError("set search.sparsity or search.num_remove")
@@ -333,6 +346,11 @@ class RegistryConfig(_Section):
         "servers: set MLFLOW_S3_ENDPOINT_URL). None: the tracking server's default.",
     )
 
+    @field_validator("tracking_uri", "artifact_location")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        return _no_credentials_in(value)
+
 
 HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("calibration", "order"): "text",
@@ -353,6 +371,33 @@ def without_neutral_defaults(section: str, values: dict[str, Any]) -> dict[str, 
     default: what identifies a search (or its scores) across versions of this config."""
     missing = object()
     return {k: v for k, v in values.items() if HASH_NEUTRAL_DEFAULTS.get((section, k), missing) != v}
+
+
+class StorageConfig(_Section):
+    """How the checkpoint store is used: retries through outages, and one run at a time per search."""
+
+    retry_s: float = Field(
+        300,
+        ge=0,
+        description="Seconds a transient storage failure (an outage, a timeout) is retried, with pauses "
+        "growing from 1 s to 30 s, before the step fails; what the step computed stays in memory "
+        "meanwhile. 0: no retries.",
+    )
+    lease_s: float = Field(
+        120,
+        ge=1,
+        description="A search is computed by one run at a time: the run holds a lease in the store, "
+        "renewed every third of this time. A second run of the same search waits for it, and takes "
+        "over a killed run's lease this long after its last renewal (at once on the same host).",
+    )
+
+
+def _no_credentials_in(url: str | None) -> str | None:
+    """A URL field's validator: a secret in a URL would be copied into logs and results."""
+    problem = credentials_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
+    return url
 
 
 class ScaleConfig(_Section):
@@ -382,6 +427,7 @@ class EvoPConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     output_dir: str = Field("runs/evop", description="Where result.json and the pruned model go.")
     checkpoints: str | None = Field(
         None,
@@ -389,6 +435,18 @@ class EvoPConfig(_Section):
         "<output_dir>/checkpoints). S3 credentials and endpoint come from the AWS environment "
         "(AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ~/.aws), never from this file.",
     )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_directory(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty: give a directory (an empty one would write into the current directory)")
+        return value
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        return _no_credentials_in(value)
 
     @model_validator(mode="after")
     def _clusters_need_ccds(self) -> "EvoPConfig":
@@ -410,95 +468,3 @@ class EvoPConfig(_Section):
         payload = {section: without_neutral_defaults(section, v) for section, v in payload.items()}
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {key!r} is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``key.sub=value`` strings; values are read as YAML (``0.3``, ``[0,-1]``, ``null``)."""
-    parsed = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. search.sparsity=0.3")
-        key, raw = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
-    return parsed
-
-
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem: ``field.path: reason``."""
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(config)"
-        lines.append(f"{path}: {e['msg']}")
-    return "\n".join(lines)
-
-
-def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> EvoPConfig:
-    """Validate a config dict plus dotted overrides into an :class:`EvoPConfig`.
-
-    Raises:
-        ConfigError: with one ``field.path: reason`` line per problem.
-    """
-    data = json.loads(json.dumps(data or {}))  # deep copy, plain types only
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
-    try:
-        return EvoPConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EvoPConfig:
-    """Load a YAML config file (optional) and apply dotted ``key=value`` overrides.
-
-    Raises:
-        ConfigError: if the file is missing or not a YAML mapping, or any value is invalid.
-    """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
-        data = loaded or {}
-    return build_config(data, overrides)
-
-
-def check_output_dir(cfg: EvoPConfig) -> Path:
-    """Make sure ``cfg.output_dir`` can be written: create it (and its parents) and a probe file
-    in it, which is removed again. For the checks before any heavy work.
-
-    Returns:
-        The output directory.
-
-    Raises:
-        ConfigError: ``output_dir: cannot write to <dir>: <reason>``.
-    """
-    import tempfile
-
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".evop-probe-"):
-            pass
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        if err.filename and str(err.filename) != str(out):
-            reason = f"{reason} ({err.filename})"
-        raise ConfigError(f"output_dir: cannot write to {out}: {reason}") from None
-    return out
