@@ -125,8 +125,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="evop-bad-input-") as tmp:
         for case, argv, env in cases(args.config, Path(tmp)):
             code, seconds, line = run(argv, env)
-            rows.append({"case": case, "exit": code, "seconds": round(seconds, 1), "message": line})
+            message = str(line).replace(tmp, "<tmp>")  # the same table from every run
+            rows.append({"case": case, "exit": code, "seconds": round(seconds, 1), "message": message})
             print(f"{case}: exit {code} in {seconds:.1f} s", file=sys.stderr)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    print(
+        f"`python benchmarks/bad_input.py --config {args.config}` on {time.strftime('%Y-%m-%d')}, "
+        f"commit {commit or 'unknown'}; seconds include starting Python (about 0.4 s)\n"
+    )
     print("| case | exit | seconds | message |\n| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['case']} | {r['exit']} | {r['seconds']} | {str(r['message']).replace('|', '/')} |")
