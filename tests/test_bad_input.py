@@ -50,7 +50,8 @@ def config(tiny_dir, text_file, tmp_path):
     ids=["sparsity-and-num_remove", "empty-output_dir", "nan", "block_len", "s3-secret", "mlflow-secret"],
 )
 def test_a_bad_value_is_one_line_before_any_work(config, tmp_path, capsys, overrides, message):
-    assert main(["search", "--config", str(config), "--quiet", *overrides]) == 2
+    # Without --quiet: no progress bar is drawn before the error line either.
+    assert main(["search", "--config", str(config), *overrides]) == 2
     err = _one_line(capsys)
     assert message in err and "top-secret" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -417,3 +417,21 @@ def test_open_store_local_forms(tmp_path, monkeypatch):
 def test_open_store_refuses_what_it_cannot_serve(uri):
     with pytest.raises(StorageError):
         open_store(uri)
+
+
+def test_a_store_url_with_credentials_is_refused_without_echoing_them():
+    from evop.storage.urls import redact
+
+    with pytest.raises(StorageError) as info:
+        open_store("s3://AKIAEXAMPLE:top-secret@bucket/runs")
+    assert info.value.permanent and "top-secret" not in str(info.value)
+    message = str(info.value)
+    assert "s3://***@bucket/runs has credentials in it" in message and "AWS_ACCESS_KEY_ID" in message
+    assert redact("http://u:p@host:5000/x") == "http://***@host:5000/x" and redact("s3://b/k") == "s3://b/k"
+
+
+def test_the_development_s3_server_keeps_its_secret_off_the_command_line(s3_server):
+    """`ps` shows every user a process's command line; the key pair goes through the environment."""
+    cmdline = Path(f"/proc/{s3_server.pid}/cmdline").read_bytes().decode()
+    assert s3_server.secret_key not in cmdline and "--auth-key" not in cmdline
+    s3_server.client().list_buckets()  # and the server still checks the key

@@ -17,6 +17,7 @@ import yaml
 
 from evop import pipeline
 from evop.storage.lease import Lease, LeaseLostError
+from evop.storage.retry import RetryingStore, RetryPolicy
 from evop.storage.stores import LocalStore, S3Store
 from tests.tiny_models import comparable, search_config
 
@@ -73,8 +74,17 @@ def test_the_heartbeat_keeps_the_lease_past_its_duration(tmp_path):
 
 
 def test_s3_servers_that_ignore_conditional_writes_still_give_one_holder(s3_env):
-    """rclone serve s3 ignores If-None-Match: the read-back after a pause decides."""
-    leases = [Lease(S3Store(s3_env, "race"), "lease.json", ttl_s=60, settle_s=0.5) for _ in range(4)]
+    """rclone serve s3 ignores If-None-Match: the read-back after a pause decides. (As in a run, the
+    store retries: a read racing a write may get a torn body, which boto's checksum refuses.)"""
+    leases = [
+        Lease(
+            RetryingStore(S3Store(s3_env, "race"), RetryPolicy(total_s=10)),
+            "lease.json",
+            ttl_s=60,
+            settle_s=0.5,
+        )
+        for _ in range(4)
+    ]
     won = []
     threads = [
         threading.Thread(target=lambda lease=lease: won.append(lease.try_acquire() is None))

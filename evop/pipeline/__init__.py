@@ -18,13 +18,16 @@ Store layout under ``<store>/<run prefix>/`` (:class:`~evop.pipeline.store.RunSt
     search/memo.json                    a baseline method's scores so far (resume replays them)
     search/outcome.json                 a baseline method's finished search
     result.json                         the finished search (the ``result.json`` contract)
+    lease.json                          which run computes the search now (owner, expiry)
     evaluation/perplexity-<tag>.json    dense vs pruned perplexity of one pruned pattern
     evaluation/downstream-<tag>.json    dense vs pruned lm-eval scores of one pruned pattern
     evaluation/speed-<tag>.json         each speed measurement (kept for the record, never reused)
 
-Modules: ``store`` (the run's keys and codecs), ``cache`` (models loaded once per process),
+Modules: ``store`` (the run's keys and codecs, its lease), ``cache`` (models loaded once per
+process), ``space`` (the patterns the search may produce: what is read back is checked against it),
 ``search`` (calibration and search steps), ``evaluation`` (prune, evaluate, report, register),
-``results`` (the ``result.json`` contract), ``local`` (all search steps in this process).
+``results`` (the ``result.json`` contract), ``local`` (all search steps in this process),
+``summary`` (what the command line prints at the end), ``preflight`` (checks before heavy work).
 """
 
 from evop.pipeline.cache import cached_model, cached_scorer, forget_models
