@@ -175,8 +175,14 @@ def test_sigkill_then_rerun_resumes_without_recomputing(
     argv = [sys.executable, "-m", "evop.cli", "run", "--config", str(tmp_path / "cfg.yaml")]
     killed_at = kill_after_generation_1(argv, env, out, cfg)
     assert not _manifest(out, cfg)["done"]
+    # The killed run never handed its lease back; its process is gone, so the rerun takes it at once.
+    lease = out / "checkpoints" / pipeline.run_prefix(cfg) / "lease.json"
+    held = json.loads(lease.read_text())
+    assert held["owner"] and held["expires_at"] > time.time()
 
+    start = time.perf_counter()
     summary = evop_pipeline(config=cfg)
+    assert time.perf_counter() - start < cfg.storage.lease_s  # not waiting for the expiry
     result = summary["result"]
     # Generations 0..killed_at were read from the checkpoints, not recomputed.
     assert summary["generations_run_now"] == result["generations"] - killed_at
