@@ -25,7 +25,7 @@ from evop.models.layers import layer_access
 from evop.pipeline.local import run_search
 from evop.pipeline.store import BASELINE_MEMO, RunStore
 from evop.searches import run_method
-from tests.tiny_models import random_blocks, tiny_model
+from tests.tiny_models import random_blocks, search_config, tiny_model
 
 WEIGHTS = [9.0, 4.0, 7.0, 1.0, 8.0, 2.5, 6.0, 3.0, 5.0, 0.5]  # layer i costs WEIGHTS[i] when removed
 
@@ -426,22 +426,9 @@ def test_block_influence_finds_layers_made_identity(model_type):
 
 
 def _cfg(tiny_dir, text_file, out, **search):
-    return build_config(
-        {
-            "model": {"name_or_path": str(tiny_dir), "device": "cpu"},
-            "calibration": {
-                "dataset": str(text_file),
-                "pool_size": 32,
-                "block_len": 32,
-                "n_samples": 6,
-                "embedder": "model",
-                "n_clusters": 3,
-            },
-            "search": {"num_remove": 2, **search},
-            "fitness": {"batch_size": 4},
-            "output_dir": str(out),
-        }
-    )
+    """The tiny search with the search section's defaults, k = 2."""
+    defaults = {"sparsity": None, "num_remove": 2, "population": 16, "generations": 20, "patience": 6}
+    return search_config(tiny_dir, text_file, out, **{**defaults, **search})
 
 
 @pytest.mark.parametrize("method", ["sleb", "shortgpt", "ppl-oneshot", "evopress", "random", "exhaustive"])
