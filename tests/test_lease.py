@@ -139,3 +139,11 @@ def test_two_identical_runs_compute_each_generation_once(tiny_dir, text_file, tm
     assert comparable(results[0]) == comparable(results[1])
     assert results[0]["generations"] == max(computed)
     assert pipeline.search_status(cfgs[0])["done"]
+
+
+@pytest.mark.parametrize("content", [b"not json", b"[1, 2]", b'{"owner": "x", "expires_at": "soon"}'])
+def test_a_lease_object_that_is_no_lease_is_free_but_replaced_only_as_read(tmp_path, content):
+    (tmp_path / "lease.json").write_bytes(content)
+    lease = Lease(LocalStore(tmp_path), "lease.json", ttl_s=60)
+    assert lease.try_acquire() is None
+    assert json.loads((tmp_path / "lease.json").read_text())["owner"] == lease.owner

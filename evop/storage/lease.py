@@ -93,8 +93,11 @@ class Lease:
         try:
             holder = json.loads(raw)
         except ValueError:
-            return None, tag  # unreadable: free, but written only over this very version
-        return (holder if isinstance(holder, dict) else None), tag
+            holder = None
+        times = ("expires_at", "renewed_at")
+        if not isinstance(holder, dict) or not all(isinstance(holder.get(t), (int, float)) for t in times):
+            return None, tag  # not a lease: free, but written only over this very version
+        return holder, tag
 
     def _record(self, released: bool = False) -> bytes:
         now = time.time()
