@@ -79,7 +79,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from evop.pipeline.summary import search_rows
 
     cfg = _load_cfg(args)
-    args.stopped_where = cfg
+    args.search_config = cfg  # where a Ctrl-C finds the search
     with _ProgressBar(cfg, disable=args.quiet) as bar:
         result = run_search(cfg, on_generation=bar.update)
     _table("EvoP search", [*search_rows(result), ("result", str(Path(cfg.output_dir) / RESULT_FILE))])
@@ -124,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args)
     check_run(cfg)  # bad input fails here, in seconds, before Prefect starts
-    args.stopped_where = cfg
+    args.search_config = cfg  # where a Ctrl-C finds the search
     summary = run_flow(cfg)
     mlflow = summary.get("mlflow")
     locations = [
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _where_it_stopped(args: argparse.Namespace) -> str:
     """The rest of the one line printed on Ctrl-C: where the command stopped, and how to go on."""
-    cfg = getattr(args, "stopped_where", None)
+    cfg = getattr(args, "search_config", None)
     if cfg is not None:  # a search (evop search, evop run): its store says where
         from evop.pipeline.summary import where_it_stopped
 

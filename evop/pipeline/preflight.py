@@ -42,8 +42,7 @@ def check_search(cfg: EvoPConfig) -> int:
         resolve_device(cfg.model.device)  # not after calibration has run on the CPU
     except ModelLoadError as err:
         raise BadInputError(f"model.device: {err}") from None
-    shape = model_shape(cfg)
-    n = shape.num_layers
+    n = model_shape(cfg).num_layers  # its configuration alone: seconds, not a model load
     s = cfg.search
     try:
         k = layers_to_remove(n, s.sparsity, s.num_remove)
