@@ -198,6 +198,32 @@ def test_compare_resumes_from_the_score_memo_after_a_crash(tiny_dir, texts, tmp_
         assert again["units"][key]["evaluations"] == report["units"][key]["evaluations"]
 
 
+def test_a_memo_with_a_pattern_no_search_could_ask_for_is_not_replayed(
+    tiny_dir, texts, tmp_path, monkeypatch, caplog
+):
+    """A memo holding a protected layer's removal (an edit, or another model's file) is set aside
+    with one ERROR line naming it, and its scores are computed again: the table is the same."""
+    config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config), "--out", str(out), "--methods", "sleb"]
+    args += ["--sparsities", "0.25", "--ablation-seeds", "", "--optimum-k", "0"]
+    assert main(args) == 0
+    report = json.loads((out / COMPARE_FILE).read_text())
+    (memo,) = out.glob("memo-ccds-seed0-*.json")
+    data = json.loads(memo.read_text())
+    data["full"]["0,3/8"] = [0.001, 0.0]  # better than anything: a search would be drawn to it
+    memo.write_text(json.dumps(data))
+    (out / COMPARE_FILE).unlink()
+    calls = watch_scoring(monkeypatch)
+    with caplog.at_level("ERROR", logger="evop"):
+        assert main(args) == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(memo.name in line and "protected layers [0]" in line for line in lines)
+    assert (out / f"{memo.stem}-rejected.json").is_file() and calls  # scored again, not replayed
+    again = json.loads((out / COMPARE_FILE).read_text())
+    assert again["units"]["main/sleb/0.25"]["pattern"] == report["units"]["main/sleb/0.25"]["pattern"]
+
+
 def test_compare_with_lm_eval_scores_each_pattern(tiny_dir, texts, tmp_path):
     config = write_config(tiny_dir, texts, tmp_path / "compare.yaml")
     out = tmp_path / "cmp"

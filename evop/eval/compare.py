@@ -49,7 +49,7 @@ from evop.eval.compare_spec import (
 from evop.eval.plots import anytime_plot
 from evop.method.influence import layer_influence
 from evop.method.outcome import Outcome
-from evop.method.patterns import Pattern, layers_to_remove
+from evop.method.patterns import Pattern, PatternSpace, layers_to_remove
 from evop.method.scoring import CountingFitness, ScoreMemo, anytime
 from evop.records import finite_or_none, write_json_atomic
 from evop.searches import run_method
@@ -165,6 +165,12 @@ class Comparison:
             if saved is not None and saved.get("blocks", blocks) != blocks:
                 stale = path.rename(path.with_name(f"{path.stem}-blocks-{saved['blocks']}.json"))
                 log.warning("%s: scores of other calibration blocks; kept as %s", path.name, stale.name)
+                saved = None
+            space = PatternSpace.any_size(self.num_layers, self.cfg.search.protected_layers)
+            problem = ScoreMemo.problem(saved, space) if saved is not None else None
+            if problem is not None:  # not written by a search of this model: nothing in it is believed
+                rejected = path.rename(path.with_name(f"{path.stem}-rejected.json"))
+                log.error("%s: %s; kept as %s, its scores are computed again", path, problem, rejected.name)
                 saved = None
             self._memos[name] = ScoreMemo(
                 lambda data, path=path: write_json_atomic(path, {"blocks": blocks, **data}),

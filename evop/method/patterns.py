@@ -148,6 +148,13 @@ class PatternSpace:
         k = layers_to_remove(num_layers, sparsity, count)
         return cls(num_layers, k, tuple(removable_layers(num_layers, protected, k)), tuple(protected))
 
+    @classmethod
+    def any_size(cls, num_layers: int, protected: Sequence[int]) -> "PatternSpace":
+        """Patterns of any size up to every removable layer (the memo of a comparison serves every
+        sparsity); still of this model's layer count, still sparing the protected layers."""
+        removable = [i for i in range(num_layers) if i not in set(resolve_protected(num_layers, protected))]
+        return cls(num_layers, len(removable), tuple(removable), tuple(protected))
+
     def problem(self, pattern: "Pattern | str", exact_k: bool = True) -> str | None:
         """What is wrong with ``pattern`` here, in a few words; None when it fits.
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from evop.method.patterns import Pattern
+from evop.method.patterns import Pattern, PatternSpace
 from evop.records import finite_or_none
 
 log = logging.getLogger(__name__)
@@ -289,6 +289,19 @@ class ScoreMemo:
 
     def __len__(self) -> int:
         return len(self.full) + len(self.cheap) + len(self.stages) + len(self.cheap_stages)
+
+    @classmethod
+    def problem(cls, data: Any, space: PatternSpace) -> str | None:
+        """What makes ``data`` (a memo read back) not scores of patterns of ``space`` (None: it is):
+        a memo holding a pattern the search could never ask for was not written by it."""
+        if not isinstance(data, dict):
+            return f"expected a JSON object, got {type(data).__name__}"
+        for kind in cls.TABLES:
+            for pattern in data.get(kind) or ():
+                problem = space.problem(pattern, exact_k=False)
+                if problem is not None:
+                    return f"{kind}: {problem}"
+        return None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {

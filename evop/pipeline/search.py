@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from evop.config import EvoPConfig
 from evop.method.patterns import layers_to_remove
 from evop.pipeline.cache import cached_model, cached_scorer
-from evop.pipeline.space import outcome_problem, patterns_problem
+from evop.pipeline.space import outcome_problem, patterns_problem, search_space
 from evop.pipeline.store import (
     BASELINE_MEMO,
     BASELINE_OUTCOME,
@@ -158,7 +158,6 @@ def _finished_record(run: RunStore) -> dict[str, Any] | None:
     baseline); otherwise None, reported once, and the record is built again from the search."""
     from evop.method.outcome import Outcome
     from evop.pipeline.results import agreement_problem, result_problem
-    from evop.pipeline.space import search_space
     from evop.storage.checkpoints import CorruptCheckpointError
 
     def check(result: Any) -> str | None:
@@ -260,7 +259,7 @@ def run_baseline(cfg: EvoPConfig) -> dict[str, Any]:
         return saved
     s = cfg.search
     scorer = cached_scorer(run)
-    saved_memo = run.get_json(BASELINE_MEMO, check=patterns_problem(cfg, *ScoreMemo.TABLES, exact_k=False))
+    saved_memo = run.get_json(BASELINE_MEMO, check=lambda data: ScoreMemo.problem(data, search_space(cfg)))
     memo = ScoreMemo(lambda data: run.put_json(BASELINE_MEMO, data), saved_memo, every=MEMO_SAVE_SECONDS)
     if len(memo):
         log.info("resuming %s with %d saved scores from %s", s.method, len(memo), run.url(BASELINE_MEMO))
