@@ -179,6 +179,18 @@ class PatternSpace:
             )
         return None
 
+    def problem_in(self, data: object, fields: Sequence[str], exact_k: bool = True) -> str | None:
+        """The first problem of the patterns a JSON object read back holds under ``fields`` (a list
+        of patterns or a ``pattern -> ...`` table each), as ``field: problem``; None when all fit."""
+        if not isinstance(data, dict):
+            return f"expected a JSON object, got {type(data).__name__}"
+        for field in fields:
+            for pattern in data.get(field) or ():
+                problem = self.problem(pattern, exact_k)
+                if problem is not None:
+                    return f"{field}: {problem}"
+        return None
+
     def check(self, pattern: "Pattern | str", what: str, exact_k: bool = True) -> Pattern:
         """``pattern`` as a :class:`Pattern` if it fits this space.
 

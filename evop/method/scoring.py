@@ -294,14 +294,7 @@ class ScoreMemo:
     def problem(cls, data: Any, space: PatternSpace) -> str | None:
         """What makes ``data`` (a memo read back) not scores of patterns of ``space`` (None: it is):
         a memo holding a pattern the search could never ask for was not written by it."""
-        if not isinstance(data, dict):
-            return f"expected a JSON object, got {type(data).__name__}"
-        for kind in cls.TABLES:
-            for pattern in data.get(kind) or ():
-                problem = space.problem(pattern, exact_k=False)
-                if problem is not None:
-                    return f"{kind}: {problem}"
-        return None
+        return space.problem_in(data, cls.TABLES, exact_k=False)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {

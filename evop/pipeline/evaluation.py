@@ -283,7 +283,6 @@ def register_saved_run(result_path: str | Path, overrides: list[str] | None = No
     from evop.pipeline.results import read_result
     from evop.records import read_json
     from evop.storage.registry import log_and_register
-    from evop.storage.tracking import check_registry
 
     cfg, pattern, result = read_result(result_path, overrides)
     pruned = Path(result_path).parent / "pruned-model"
@@ -293,7 +292,6 @@ def register_saved_run(result_path: str | Path, overrides: list[str] | None = No
             f"{pruned} holds pattern {saved.get('pattern') if isinstance(saved, dict) else saved!r}, not "
             f"{pattern}: prune it again with `evop prune --result {result_path}`"
         )
-    check_registry(cfg)
     evaluation = result.get("evaluation") or {}
     metrics = final_metrics(
         evaluation.get("perplexity") or {}, evaluation.get("downstream"), evaluation.get("speed")

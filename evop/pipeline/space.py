@@ -47,30 +47,22 @@ def patterns_problem(cfg: EvoPConfig, *fields: str, exact_k: bool = True) -> Cal
     """A check of the patterns a stored JSON object holds under ``fields`` (a list of patterns or a
     ``pattern -> score`` table each) against the search's :class:`~evop.method.patterns.PatternSpace`."""
 
-    def check(data: Any) -> str | None:
-        if not isinstance(data, dict):
-            return f"expected a JSON object, got {type(data).__name__}"
-        space = search_space(cfg)
-        for field in fields:
-            for pattern in data.get(field) or ():
-                problem = space.problem(pattern, exact_k)
-                if problem is not None:
-                    return f"{field}: {problem}"
-        return None
-
-    return check
+    return lambda data: search_space(cfg).problem_in(data, fields, exact_k)
 
 
 def outcome_problem(cfg: EvoPConfig) -> Callable[[Any], str | None]:
-    """A check of a baseline's stored outcome: its pattern and every round's best fit the search."""
-    patterns = patterns_problem(cfg, "final", "steps", exact_k=False)
-    final = patterns_problem(cfg, "final")
+    """A check of a baseline's stored outcome: its pattern fits the search, and so does every
+    round's best (a greedy round's holds fewer layers)."""
 
     def check(data: Any) -> str | None:
         if not isinstance(data, dict) or "pattern" not in data:
             return "not an outcome of a search (no pattern)"
+        space = search_space(cfg)
+        problem = space.problem(data["pattern"])
+        if problem is not None:
+            return f"pattern: {problem}"
         steps = [h.get("best_pattern") for h in data.get("history", []) if h.get("best_pattern")]
-        return final({"final": [data["pattern"]]}) or patterns({"steps": steps})
+        return space.problem_in({"history": steps}, ["history"], exact_k=False)
 
     return check
 

@@ -84,9 +84,10 @@ class Lease:
 
     # ------------------------------------------------------------------ the object
 
-    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
-        """The current holder (None: nobody, or an unreadable object) and the object's tag."""
-        found = self.store.get_tagged(self.key)
+    def _read(self, store: Any = None) -> tuple[dict[str, Any] | None, str | None]:
+        """The current holder (None: nobody, or an unreadable object) and the object's tag, read
+        from ``store`` (default: the lease's)."""
+        found = (store or self.store).get_tagged(self.key)
         if found is None:
             return None, None
         raw, tag = found
@@ -114,7 +115,7 @@ class Lease:
         return (
             holder is None
             or not holder.get("owner")
-            or float(holder.get("expires_at", 0)) <= time.time()
+            or holder["expires_at"] <= time.time()
             or not _alive_here(holder)
         )
 
@@ -198,11 +199,10 @@ class Lease:
         # minutes to hand back what expires by itself.
         store = getattr(self.store, "inner", self.store)
         try:
-            found = store.get_tagged(self.key)
-            holder = json.loads(found[0]) if found is not None else None
-            if isinstance(holder, dict) and holder.get("owner") == self.owner:
-                store.put_if(self.key, self._record(released=True), found[1])
-        except (EvoPError, ValueError) as err:
+            holder, tag = self._read(store)
+            if holder is not None and holder.get("owner") == self.owner:
+                store.put_if(self.key, self._record(released=True), tag)
+        except EvoPError as err:
             log.warning(
                 "could not release the lease %s (%s); it expires in %.0f s", self.url, err, self.ttl_s
             )

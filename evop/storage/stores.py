@@ -175,8 +175,8 @@ class S3Store:
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        # Bounded retries: a storage outage surfaces as StorageError for the caller's own retry
-        # policy (the pipeline retries the task) instead of hanging a GPU job.
+        # Bounded retries per request: an outage surfaces as StorageError for the one retry policy
+        # (evop.storage.retry, storage.retry_s) instead of hanging in botocore.
         cfg = Config(
             retries={"max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=connect_timeout,
